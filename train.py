@@ -1,0 +1,314 @@
+"""Train the CIFAR-10 network with BatchNorm, LayerNorm or GroupNorm and report.
+
+    python train.py --norm bn      # one variant
+    python train.py                # all three in turn, then the comparison
+
+Outputs (see README, "Outputs"): <out-dir>/<norm>/{metrics.json, model.pt,
+checkpoint.pt}, <images-dir>/<norm>_curves.png, <norm>_misclassified.png,
+comparison.png and <out-dir>/results.md.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import utils
+from models import NORMS, Net, count_parameters
+from utils import UserError
+
+# ----------------------------------------------------------------------------
+# The default recipe
+# ----------------------------------------------------------------------------
+EPOCHS = 20
+BATCH_SIZE = 256
+LR = 0.2                # peak of the one-cycle schedule
+MOMENTUM = 0.9          # Nesterov
+WEIGHT_DECAY = 5e-4
+LABEL_SMOOTHING = 0.1
+TRANSLATE = 4           # pixels of random shift each way
+CUTOUT = 0              # side of the cutout square; 0 = off
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-norms"
+
+# The options a checkpoint must share with the run that resumes it.
+RUN_OPTIONS = ("norm", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+               "label_smoothing", "translate", "cutout", "seed")
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """Bad options end in one line on stderr and exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = Parser(description="Train the small CIFAR-10 network with BatchNorm (bn), "
+                                "LayerNorm (ln) or GroupNorm (gn) and report how it did.")
+    parser.add_argument("--norm", choices=[*NORMS, "all"], default="all",
+                        help="normalization variant to train (default: all three in turn)")
+    parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="default: %(default)s")
+    parser.add_argument("--lr", type=positive_float, default=LR,
+                        help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+    parser.add_argument("--momentum", type=non_negative_float, default=MOMENTUM, help="default: %(default)s")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=WEIGHT_DECAY, help="default: %(default)s")
+    parser.add_argument("--label-smoothing", type=non_negative_float, default=LABEL_SMOOTHING,
+                        help="default: %(default)s")
+    parser.add_argument("--translate", type=int, choices=range(0, 9), default=TRANSLATE, metavar="0..8",
+                        help="random shift in pixels, each way (default: %(default)s)")
+    parser.add_argument("--cutout", type=int, choices=range(0, 33), default=CUTOUT, metavar="0..32",
+                        help="side of the random cutout square, 0 for none (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="CIFAR-10 as an image folder (train/<class>/*, test/<class>/*) or "
+                             "torchvision's files, downloaded there if absent (default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help="where the decoded data set is cached (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs"),
+                        help="metrics, weights and checkpoints go to OUT_DIR/<norm>/ (default: %(default)s)")
+    parser.add_argument("--images-dir", type=Path,
+                        help="where the figures go (default: OUT_DIR/images)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 mixed precision (for GPUs)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each variant from its checkpoint in OUT_DIR, where there is one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of an earlier run in OUT_DIR")
+    args = parser.parse_args(argv)
+
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other; pick one")
+    args.images_dir = args.images_dir or args.out_dir / "images"
+    return args
+
+
+# ----------------------------------------------------------------------------
+# One variant
+# ----------------------------------------------------------------------------
+
+def output_files(norm, args):
+    run_dir = args.out_dir / norm
+    return {"metrics": run_dir / "metrics.json", "model": run_dir / "model.pt",
+            "checkpoint": run_dir / "checkpoint.pt",
+            "curves": args.images_dir / f"{norm}_curves.png",
+            "misclassified": args.images_dir / f"{norm}_misclassified.png"}
+
+
+def check_not_clobbering(files, args):
+    if args.overwrite or (args.resume and files["checkpoint"].exists()):
+        return
+    existing = [str(path) for path in files.values() if path.exists()]
+    if existing:
+        hint = "--resume to continue it, " if files["checkpoint"].exists() else ""
+        raise UserError(f"an earlier run's outputs are in the way ({', '.join(existing[:2])}"
+                        f"{' ...' if len(existing) > 2 else ''}); pass {hint}--overwrite to "
+                        "replace them, or choose another --out-dir")
+
+
+def restore(checkpoint, norm, args, model, optimizer, scheduler, generator, path):
+    """Load a checkpoint into the run, or raise UserError before changing anything."""
+    run = {key: getattr(args, key) for key in RUN_OPTIONS} | {"norm": norm}
+    saved_run = checkpoint.get("run", {}) if isinstance(checkpoint, dict) else {}
+    if (different := [key for key in RUN_OPTIONS if saved_run.get(key) != run[key]]):
+        raise UserError(f"{path} was made with other options "
+                        + ", ".join(f"{key}={saved_run.get(key)!r}" for key in different)
+                        + "; resume with the same options, or pass --overwrite to start afresh")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    saved_shapes = {k: v.shape for k, v in checkpoint["model"].items()}
+    if shapes != saved_shapes:
+        raise UserError(f"{path} holds weights of a different model; pass --overwrite to start afresh")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    utils.set_rng_states(checkpoint["rng"], generator)
+    return checkpoint["metrics"]
+
+
+def run_variant(norm, args, data, device):
+    files = output_files(norm, args)
+    check_not_clobbering(files, args)
+    checkpoint = utils.load_checkpoint(files["checkpoint"]) if (
+        args.resume and files["checkpoint"].exists()) else None
+
+    utils.seed_everything(args.seed)
+    model = Net(norm).to(device, memory_format=torch.channels_last)
+    params = count_parameters(model)
+    print(f"\n=== {norm.upper()}: {params:,} trainable parameters ===")
+    if checkpoint is None:
+        from torchsummary import summary
+        summary(model.eval(), (3, 32, 32), device=device.type)
+        utils.seed_everything(args.seed)  # the summary's forward pass drew random numbers
+
+    train_images, train_labels = (t.to(device) for t in data["train"])
+    test_images, test_labels = (t.to(device) for t in data["test"])
+    steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=0.25, anneal_strategy="linear")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed)
+
+    metrics = {"norm": norm, "params": params, "seed": args.seed, "epochs": args.epochs,
+               "batch_size": args.batch_size, "lr": args.lr, "device": str(device),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "data_source": data["source"], "train_size": len(train_labels),
+               "test_size": len(test_labels), "train_loss": [], "train_acc": [],
+               "test_loss": [], "test_acc": [], "epoch_seconds": []}
+    if checkpoint is not None:
+        metrics = restore(checkpoint, norm, args, model, optimizer, scheduler, generator,
+                          files["checkpoint"])
+        print(f"resuming from epoch {len(metrics['train_loss'])} of {args.epochs}")
+    step_model = torch.compile(model) if args.compile else model
+
+    for epoch in range(len(metrics["train_loss"]) + 1, args.epochs + 1):
+        start = time.perf_counter()
+        try:
+            train_loss, train_acc = utils.train(
+                step_model, train_images, train_labels, optimizer, scheduler, args.batch_size,
+                generator, label_smoothing=args.label_smoothing, amp=args.amp,
+                augmentation={"translate": args.translate, "cutout": args.cutout},
+                desc=f"{norm} epoch {epoch}")
+        except utils.NonFiniteLoss as error:
+            raise utils.NonFiniteLoss(
+                f"{norm}: the loss became NaN or infinite in epoch {epoch}, {error}. "
+                f"The last good checkpoint ({files['checkpoint']}) is kept; "
+                "try a lower --lr") from None
+        test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=args.amp)
+        seconds = time.perf_counter() - start
+        for key, value in [("train_loss", train_loss), ("train_acc", train_acc),
+                           ("test_loss", test_loss), ("test_acc", test_acc),
+                           ("epoch_seconds", seconds)]:
+            metrics[key].append(value)
+        print(f"{norm} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
+              f"acc {100 * train_acc:5.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  "
+              f"{seconds:5.1f}s", flush=True)
+        utils.atomic_save({"run": {key: getattr(args, key) for key in RUN_OPTIONS} | {"norm": norm},
+                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(),
+                           "rng": utils.rng_states(generator), "metrics": metrics},
+                          files["checkpoint"])
+
+    _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels, amp=args.amp)
+    _, _, predictions = utils.test(step_model, test_images, test_labels, amp=args.amp)
+    utils.atomic_save(model.state_dict(), files["model"])
+    files["metrics"].write_text(json.dumps(metrics, indent=1) + "\n")
+    args.images_dir.mkdir(parents=True, exist_ok=True)
+    utils.plot_curves(metrics, files["curves"])
+    utils.plot_misclassified(test_images, test_labels, predictions, files["misclassified"],
+                             f"{norm.upper()}: misclassified test images")
+    return metrics
+
+
+def write_report(args):
+    """results.md and comparison.png from every variant finished in OUT_DIR."""
+    paths = [output_files(norm, args)["metrics"] for norm in NORMS]
+    all_metrics = [json.loads(path.read_text()) for path in paths if path.exists()]
+    table = utils.results_table(all_metrics)
+    (args.out_dir / "results.md").write_text(table)
+    utils.plot_comparison(all_metrics, args.images_dir / "comparison.png")
+    print("\n" + table)
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+
+def check_writable(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to {folder} ({error.strerror}); "
+                        "choose another --out-dir / --images-dir") from None
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        for folder in (args.out_dir, args.images_dir):
+            check_writable(folder)
+        start = time.perf_counter()
+        data = utils.load_cifar10(args.data_dir, args.cache_dir)
+        print(f"data: {data['source']}: {len(data['train'][1]):,} train, "
+              f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
+        if args.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        for norm in NORMS if args.norm == "all" else [args.norm]:
+            run_variant(norm, args, data, args.device)
+        write_report(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except utils.NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        command = " ".join(["python", *sys.argv])
+        print(f"\ninterrupted: the checkpoint of the last finished epoch is kept in {args.out_dir}; "
+              f"resume with: {command}{'' if args.resume else ' --resume'}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Data loading, batched augmentation, train/test loops, checkpoints and plots.
+
+Nothing here knows about the command line: every function takes what it
+needs as arguments. train.py is the front end.
+"""
+import hashlib
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+# Per-channel mean and std of the official CIFAR-10 training set.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SHAPE = (3, 32, 32)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad data, bad path, bad checkpoint).
+
+    train.py prints it as one line and exits with code 2.
+    """
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------
+# Data: CIFAR-10 as uint8 tensors, decoded once and cached
+# ----------------------------------------------------------------------------
+
+def load_cifar10(data_dir, cache_dir, download=True):
+    """Both splits as {"train": (images, labels), "test": (...), "source": str}.
+
+    images: uint8 (N, 3, 32, 32), labels: int64 (N,), CIFAR-10's class order.
+    `data_dir` holds either an image folder (train/<class>/*, test/<class>/*)
+    or torchvision's CIFAR10 files (downloaded there when absent).
+    """
+    data_dir = Path(data_dir)
+    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
+        data = {split: _cached(data_dir / split, cache_dir, partial(_read_image_folder, data_dir / split))
+                for split in ("train", "test")}
+        return {**data, "source": f"image folder {data_dir}"}
+    _ensure_torchvision_files(data_dir, download)
+    data = {split: _cached(data_dir / "cifar-10-batches-py", cache_dir,
+                           partial(_read_torchvision, data_dir, split == "train"), split)
+            for split in ("train", "test")}
+    return {**data, "source": f"torchvision CIFAR10 {data_dir}"}
+
+
+def _cached(folder, cache_dir, read, name=None):
+    """read(), cached in cache_dir until the listing of `folder` changes.
+
+    The signature is the modification time and entry count of `folder` and of
+    each folder in it: adding, removing or renaming files changes it.
+    Editing a file in place does not; delete the cache to force a re-read.
+    """
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing: an image-folder data set needs both "
+                        "train/<class>/ and test/<class>/")
+    signature = [(p.name, p.stat().st_mtime_ns, len(os.listdir(p)))
+                 for p in sorted([folder, *folder.iterdir()]) if p.is_dir()]
+    name = name or folder.name
+    digest = hashlib.sha1(f"{folder.resolve()}|{name}".encode()).hexdigest()[:16]
+    cache_file = Path(cache_dir) / f"{name}-{digest}.pt"
+    if cache_file.exists():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            if cached["signature"] == signature:
+                return cached["images"], cached["labels"]
+        except Exception:
+            pass  # an unreadable cache is rebuilt below
+    images, labels = read()
+    try:
+        atomic_save({"signature": signature, "images": images, "labels": labels}, cache_file)
+    except OSError as error:
+        print(f"warning: could not write the data cache {cache_file}: {error.strerror}")
+    return images, labels
+
+
+def _read_image_folder(split_dir):
+    """Decode split_dir/<class>/* into uint8 tensors.
+
+    Hidden files are ignored. Files that are not images (or are corrupt) are
+    skipped with a warning naming them; images that are not 32x32 RGB mean
+    this is the wrong data set, and stop with an error.
+    """
+    folders = {p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if missing := sorted(set(CLASSES) - folders):
+        raise UserError(f"{split_dir} has no folder for class(es) {', '.join(missing)}; "
+                        f"expected one folder per CIFAR-10 class: {', '.join(CLASSES)}")
+    if extra := sorted(folders - set(CLASSES)):
+        raise UserError(f"{split_dir} has unexpected folder(s) {', '.join(extra)}; "
+                        f"expected only the CIFAR-10 classes: {', '.join(CLASSES)}")
+    files, labels = [], []
+    for label, name in enumerate(CLASSES):
+        class_files = sorted(p for p in (split_dir / name).iterdir()
+                             if p.is_file() and not p.name.startswith("."))
+        if not class_files:
+            raise UserError(f"{split_dir / name} has no images")
+        files += class_files
+        labels += [label] * len(class_files)
+
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        decoded = list(tqdm(pool.map(_decode_image, files), total=len(files),
+                            desc=f"decoding {split_dir}", disable=None, leave=False))
+    unreadable = [str(f) for f, image in zip(files, decoded) if image is None]
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+        print(f"warning: skipped {len(unreadable)} file(s) that are not readable images: {shown}")
+    kept = [i for i, image in enumerate(decoded) if image is not None]
+    images = torch.from_numpy(np.stack([decoded[i] for i in kept])).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor([labels[i] for i in kept])
+
+
+def _decode_image(path):
+    """One image as a (32, 32, 3) uint8 array; None if the file is no image."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            if image.size != (32, 32) or image.mode != "RGB":
+                raise UserError(f"{path} is a {image.size[0]}x{image.size[1]} {image.mode} image; "
+                                "CIFAR-10 images must be 32x32 RGB")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def _ensure_torchvision_files(data_dir, download):
+    """Make sure torchvision's CIFAR10 files are in data_dir, downloading if allowed."""
+    if (data_dir / "cifar-10-batches-py").is_dir():
+        return
+    help_text = (f"put CIFAR-10 there (torchvision's cifar-10-python.tar.gz, or an image folder "
+                 f"with train/<class>/ and test/<class>/), or pass --data-dir with the data")
+    if not download:
+        raise UserError(f"no CIFAR-10 data in {data_dir}: {help_text}")
+    from torchvision.datasets import CIFAR10
+    try:
+        CIFAR10(data_dir, train=True, download=True)
+    except Exception as error:
+        raise UserError(f"no CIFAR-10 data in {data_dir} and the download failed "
+                        f"({type(error).__name__}: {error}); {help_text}") from None
+
+
+def _read_torchvision(data_dir, train):
+    from torchvision.datasets import CIFAR10
+    try:
+        dataset = CIFAR10(data_dir, train=train, download=False)
+    except Exception as error:
+        raise UserError(f"could not read CIFAR-10 from {data_dir} ({error}); "
+                        "delete the folder cifar-10-batches-py there to download it again") from None
+    if list(dataset.classes) != list(CLASSES):
+        raise UserError(f"unexpected classes in {data_dir}: {dataset.classes}")
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(dataset.targets)
+
+
+# ----------------------------------------------------------------------------
+# Augmentation, on whole batches on the training device
+# ----------------------------------------------------------------------------
+
+def normalize(images):
+    """uint8 (N, 3, H, W) -> float, per-channel standardized."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def augment(images, generator, translate=4, cutout=0):
+    """Random translate (reflect-padded crop), horizontal flip and cutout.
+
+    Each image of the float batch gets its own random draw from `generator`.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    if translate:
+        padded = F.pad(images, (translate,) * 4, mode="reflect")
+        shift = torch.randint(0, 2 * translate + 1, (2, n, 1), generator=generator, device=device)
+        rows = (shift[0] + torch.arange(h, device=device))[:, :, None]  # n, h, 1
+        cols = (shift[1] + torch.arange(w, device=device))[:, None, :]  # n, 1, w
+        batch = torch.arange(n, device=device)[:, None, None]
+        # Advanced indexing puts the indexed dims first: (n, h, w, c).
+        images = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    if cutout:
+        # A cutout x cutout square of zeros (the mean after normalizing),
+        # centred anywhere in the image, so it may lie partly outside.
+        centre = torch.randint(0, h, (2, n, 1), generator=generator, device=device)
+        offset = torch.arange(h, device=device) - centre + cutout // 2  # 2, n, h
+        inside = (offset >= 0) & (offset < cutout)
+        hole = inside[0][:, :, None] & inside[1][:, None, :]
+        images = images.masked_fill(hole[:, None], 0.0)
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------
+# Train and test loops
+# ----------------------------------------------------------------------------
+
+def autocast(device, enabled):
+    """bfloat16 mixed precision when enabled: no loss scaling needed, unlike fp16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train(model, images, labels, optimizer, scheduler, batch_size, generator,
+          label_smoothing=0.0, augmentation=None, amp=False, desc="train"):
+    """One epoch over (images, labels) in a random order.
+
+    images: uint8 on the training device. Returns (loss, accuracy) averaged
+    over the epoch's augmented batches. Raises NonFiniteLoss naming the first
+    batch whose loss was NaN or infinite.
+    """
+    model.train()
+    n = len(labels)
+    order = torch.randperm(n, generator=generator, device=images.device)
+    total_loss = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    finite = []  # checked after the epoch: a check per batch would sync the GPU
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=None, leave=False):
+        index = order[start:start + batch_size]
+        x = augment(normalize(images[index]), generator, **(augmentation or {}))
+        y = labels[index]
+        with autocast(images.device, amp):
+            output = model(x)
+            loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss = loss.detach()
+        finite.append(torch.isfinite(loss))
+        total_loss += loss * len(index)
+        correct += (output.argmax(1) == y).sum()
+    bad_batches = (~torch.stack(finite)).nonzero()
+    if len(bad_batches):
+        raise NonFiniteLoss(f"batch {bad_batches[0].item() + 1} of {len(finite)}")
+    return total_loss.item() / n, correct.item() / n
+
+
+@torch.inference_mode()
+def test(model, images, labels, batch_size=1000, amp=False):
+    """(loss, accuracy, predictions) of the model on uint8 images, no augmentation."""
+    model.eval()
+    total_loss = torch.zeros((), device=images.device)
+    predictions = []
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+        with autocast(images.device, amp):
+            output = model(x)
+        total_loss += F.cross_entropy(output.float(), labels[start:start + batch_size], reduction="sum")
+        predictions.append(output.argmax(1))
+    predictions = torch.cat(predictions)
+    accuracy = (predictions == labels).float().mean().item()
+    return total_loss.item() / len(labels), accuracy, predictions
+
+
+# ----------------------------------------------------------------------------
+# Reproducibility and checkpoints
+# ----------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states(generator):
+    """Every random state a run draws from, to store in a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "augment": generator.get_state()}
+
+
+def set_rng_states(states, generator):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    generator.set_state(states["augment"])
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path} to resume from") from None
+    except Exception as error:
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}); "
+                        "delete it and start the run again without --resume") from None
+
+
+# ----------------------------------------------------------------------------
+# Plots (matplotlib, no display needed)
+# ----------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(metrics, path):
+    """Loss and accuracy per epoch, train and test, for one model."""
+    plt = _pyplot()
+    epochs = range(1, len(metrics["train_loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        ax_loss.plot(epochs, metrics[f"{split}_loss"], marker=".", label=split)
+        ax_acc.plot(epochs, [100 * a for a in metrics[f"{split}_acc"]], marker=".", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{metrics['norm'].upper()}: {metrics['params']:,} parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_comparison(all_metrics, path):
+    """Test loss and accuracy per epoch of every variant, in one figure."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for m in all_metrics:
+        epochs = range(1, len(m["test_loss"]) + 1)
+        name = m["norm"].upper()
+        axes[0].plot(epochs, m["train_loss"], ls="--", label=f"{name} train")
+        axes[0].plot(epochs, m["test_loss"], label=f"{name} test")
+        axes[1].plot(epochs, [100 * a for a in m["train_acc"]], label=name)
+        axes[2].plot(epochs, [100 * a for a in m["test_acc"]], label=name)
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="train accuracy (augmented)")
+    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_misclassified(images, labels, predictions, path, title, count=10):
+    """A 5x2 grid of the first `count` misclassified images, true and predicted class.
+
+    images are the uint8 originals, so they show exactly what the network saw
+    before normalization.
+    """
+    plt = _pyplot()
+    wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
+    fig, axes = plt.subplots(2, 5, figsize=(10, 4.8))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def results_table(all_metrics):
+    """A markdown table: params, final train and test accuracy per variant."""
+    lines = ["| model | params | train acc | test acc | s/epoch |",
+             "|---|---:|---:|---:|---:|"]
+    for m in all_metrics:
+        seconds = sum(m["epoch_seconds"]) / len(m["epoch_seconds"])
+        lines.append(f"| {m['norm'].upper()} | {m['params']:,} | {100 * m['train_acc'][-1]:.2f}% "
+                     f"| {100 * m['test_acc'][-1]:.2f}% | {seconds:.1f} |")
+    return "\n".join(lines) + "\n"
