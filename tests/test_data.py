@@ -1,0 +1,134 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import write_image_folder
+from utils import CLASSES, UserError
+
+
+def test_image_folder_loads_in_cifar_class_order(image_folder, tmp_path):
+    data = utils.load_cifar10(image_folder, tmp_path / "cache")
+    images, labels = data["train"]
+    assert images.dtype == torch.uint8 and images.shape == (80, 3, 32, 32)
+    assert labels.tolist() == [label for label in range(10) for _ in range(8)]
+    assert data["test"][0].shape == (20, 3, 32, 32)
+    # Pixels are exactly what was written (PNG is lossless), channels first.
+    written = np.array(Image.open(image_folder / "train" / "frog" / "0003.png"))
+    assert torch.equal(images[6 * 8 + 3], torch.from_numpy(written).permute(2, 0, 1))
+
+
+def test_second_load_comes_from_cache_until_files_change(image_folder, tmp_path, monkeypatch):
+    first = utils.load_cifar10(image_folder, tmp_path / "cache")
+
+    def no_decoding(split_dir):
+        raise AssertionError("decoded again despite the cache")
+    monkeypatch.setattr(utils, "_read_image_folder", no_decoding)
+    second = utils.load_cifar10(image_folder, tmp_path / "cache")
+    assert torch.equal(first["train"][0], second["train"][0])
+
+    monkeypatch.undo()
+    Image.new("RGB", (32, 32)).save(image_folder / "train" / "cat" / "extra.png")
+    third = utils.load_cifar10(image_folder, tmp_path / "cache")
+    assert len(third["train"][1]) == 81
+
+
+def write_fake_torchvision_files(root):
+    """The five training batches, test batch and meta file of cifar-10-python, tiny."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        labels = list(range(10))
+        data = rng.integers(0, 256, size=(10, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CLASSES)}, f)
+    return data  # the test batch's pixels
+
+
+def test_torchvision_layout_without_network(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10, cifar
+    test_pixels = write_fake_torchvision_files(tmp_path)
+    # The fake files cannot match torchvision's checksums of the real archive.
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: True)
+    monkeypatch.setattr(CIFAR10, "download", lambda self: pytest.fail("tried to download"))
+    data = utils.load_cifar10(tmp_path, tmp_path / "cache")
+    assert data["train"][0].shape == (50, 3, 32, 32)
+    assert data["train"][1].tolist() == list(range(10)) * 5
+    assert torch.equal(data["test"][0], torch.from_numpy(test_pixels).view(10, 3, 32, 32))
+    assert data["source"].startswith("torchvision")
+
+
+def test_missing_data_that_cannot_be_downloaded_says_how_to_provide_it(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(UserError, match="download failed.*train/<class>"):
+        utils.load_cifar10(tmp_path / "nowhere", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda root: (root / "train" / "kitten").mkdir(), "unexpected folder.*kitten"),
+    (lambda root: __import__("shutil").rmtree(root / "test" / "ship"), "no folder for class.*ship"),
+    (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()], "dog has no images"),
+    (lambda root: Image.new("RGB", (64, 64)).save(root / "train" / "cat" / "big.png"),
+     "big.png is a 64x64 RGB image"),
+    (lambda root: Image.new("L", (32, 32)).save(root / "test" / "cat" / "gray.png"),
+     "gray.png is a 32x32 L image"),
+    (lambda root: __import__("shutil").rmtree(root / "test"), "test is missing"),
+])
+def test_broken_image_folder_is_a_clear_error(image_folder, tmp_path, change, message):
+    change(image_folder)
+    with pytest.raises(UserError, match=message):
+        utils.load_cifar10(image_folder, tmp_path / "cache")
+
+
+def test_unreadable_files_are_skipped_with_a_warning(image_folder, tmp_path, capsys):
+    (image_folder / "train" / "cat" / "notes.txt").write_text("not an image")
+    (image_folder / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    truncated = (image_folder / "train" / "dog" / "0000.png").read_bytes()[:60]
+    (image_folder / "train" / "dog" / "0000.png").write_bytes(truncated)
+    images, labels = utils.load_cifar10(image_folder, tmp_path / "cache")["train"]
+    assert len(labels) == 79 and labels.bincount()[5] == 7
+    warning = capsys.readouterr().out
+    assert "skipped 2 file(s)" in warning and "notes.txt" in warning and "0000.png" in warning
+
+
+def test_augmentation_keeps_shapes_and_each_image_with_its_own_content():
+    generator = torch.Generator().manual_seed(0)
+    # Image i is constant i: translation (reflect padding) and flips keep it so,
+    # so any mix-up between images would show.
+    images = torch.arange(64, dtype=torch.float32).view(64, 1, 1, 1).expand(64, 3, 32, 32)
+    out = utils.augment(images, generator, translate=4)
+    assert out.shape == images.shape
+    assert torch.equal(out, images)
+
+
+def test_augmentation_translates_and_flips_per_image():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32).expand(200, 3, 32, 32)
+    out = utils.augment(image, generator, translate=4)
+    padded = torch.nn.functional.pad(image[:1], (4, 4, 4, 4), mode="reflect")[0]
+    windows = {(dy, dx, flip): padded[:, dy:dy + 32, dx:dx + 32].flip(2) if flip
+               else padded[:, dy:dy + 32, dx:dx + 32]
+               for dy in range(9) for dx in range(9) for flip in (False, True)}
+    found = [next(key for key, w in windows.items() if torch.equal(w, o)) for o in out]
+    assert len(set(found)) > 50  # many distinct shifts and flips, each an exact crop
+    assert {flip for _, _, flip in found} == {False, True}
+
+
+def test_cutout_zeroes_one_square_of_the_given_size():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.ones(100, 3, 32, 32)
+    out = utils.augment(images, generator, translate=0, cutout=8)
+    holes = (out[:, 0] == 0).sum((1, 2))
+    assert holes.max() == 64 and holes.min() > 0  # partly outside near the border
+    assert torch.equal(out[:, 0] == 0, out[:, 2] == 0)  # all channels alike

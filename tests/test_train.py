@@ -1,0 +1,237 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT
+
+FILES = ["out/bn/metrics.json", "out/bn/model.pt", "out/bn/checkpoint.pt",
+         "out/images/bn_curves.png", "out/images/bn_misclassified.png"]
+
+
+def read_metrics(path):
+    metrics = json.loads(path.read_text())
+    metrics.pop("epoch_seconds")  # wall-clock time is the one thing allowed to differ
+    return metrics
+
+
+def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
+    train.main(run_args())
+    out = capsys.readouterr().out
+    assert "Total params" in out  # the torchsummary table
+    for norm in ("bn", "ln", "gn"):
+        for name in FILES:
+            assert (tmp_path / name.replace("bn", norm)).stat().st_size > 0
+        metrics = json.loads((tmp_path / "out" / norm / "metrics.json").read_text())
+        assert metrics["norm"] == norm and metrics["epochs"] == 2 and metrics["seed"] == 0
+        assert metrics["params"] < 50_000 and metrics["device"] == "cpu"
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
+            assert len(metrics[key]) == 2
+        assert metrics["train_size"] == 80 and metrics["test_size"] == 20
+        assert f"{norm} epoch  2/2" in out
+    assert (tmp_path / "out/images/comparison.png").stat().st_size > 0
+    table = (tmp_path / "out/results.md").read_text()
+    assert all(f"| {norm} |" in table for norm in ("BN", "LN", "GN"))
+
+
+def test_training_learns_an_easy_task(image_folder, tmp_path):
+    """Colour tells the class: a working loop (images aligned with labels) learns it."""
+    data = utils.load_cifar10(image_folder, tmp_path / "cache")
+    images, labels = data["train"]
+    torch.manual_seed(0)
+    model = train.Net("bn").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        utils.train(model, images, labels, optimizer, scheduler, 16, generator)
+    _, accuracy, _ = utils.test(model, *data["test"])
+    assert accuracy >= 0.8  # chance is 0.1: mixed-up labels could not get here
+
+
+def test_same_seed_gives_identical_results(run_args, tmp_path):
+    train.main(run_args("--norm", "gn", out="a"))
+    train.main(run_args("--norm", "gn", out="b"))
+    assert read_metrics(tmp_path / "a/gn/metrics.json") == read_metrics(tmp_path / "b/gn/metrics.json")
+    a = torch.load(tmp_path / "a/gn/model.pt")
+    b = torch.load(tmp_path / "b/gn/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_after_a_stop_ends_bit_identical(run_args, tmp_path, monkeypatch, stop_after):
+    args = ["--norm", "bn", "--epochs", "3"]
+    train.main(run_args(*args, out="whole"))
+
+    real_train, calls = utils.train, []
+
+    def stopped_after_some_epochs(*a, **k):
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt  # as a kill would: the checkpoint of that epoch is on disk
+        calls.append(1)
+        return real_train(*a, **k)
+    monkeypatch.setattr(utils, "train", stopped_after_some_epochs)
+    with pytest.raises(SystemExit) as stop:
+        train.main(run_args(*args, out="parts"))
+    assert stop.value.code == 130
+    assert not (tmp_path / "parts/bn/metrics.json").exists()
+    monkeypatch.undo()
+
+    train.main(run_args(*args, "--resume", out="parts"))
+    assert read_metrics(tmp_path / "parts/bn/metrics.json") == read_metrics(tmp_path / "whole/bn/metrics.json")
+    whole = torch.load(tmp_path / "whole/bn/model.pt")
+    parts = torch.load(tmp_path / "parts/bn/model.pt")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(run_args, tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), *run_args("--norm", "bn")]
+    command[command.index("--epochs") + 1] = "500"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "out/bn/checkpoint.pt"
+    deadline = time.time() + 60
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert torch.load(checkpoint, weights_only=False)["metrics"]["train_loss"]
+
+
+def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    utils.atomic_save({"epoch": 1}, path)
+
+    def crash_mid_write(obj, f):
+        open(f, "wb").write(b"half a fi")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        utils.atomic_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path) == {"epoch": 1}
+
+
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(run_args, tmp_path,
+                                                                          monkeypatch, capsys):
+    real_forward = train.Net.forward
+    batches = []
+
+    def nan_in_fourth_batch_of_epoch_two(self, x):
+        out = real_forward(self, x)
+        if self.training:
+            batches.append(1)
+            if len(batches) == 3 + 3:  # 80 images / 32 = 3 batches an epoch
+                out = out * float("nan")
+        return out
+    monkeypatch.setattr(train.Net, "forward", nan_in_fourth_batch_of_epoch_two)
+    with pytest.raises(SystemExit) as stop:
+        train.main(run_args("--norm", "bn", "--epochs", "3"))
+    assert stop.value.code == 1
+    message = capsys.readouterr().err
+    assert "NaN or infinite in epoch 2, batch 3 of 3" in message
+    checkpoint = utils.load_checkpoint(tmp_path / "out/bn/checkpoint.pt")
+    assert len(checkpoint["metrics"]["train_loss"]) == 1
+
+
+def test_finished_run_is_never_overwritten_silently(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "ln"))
+    before = (tmp_path / "out/ln/metrics.json").read_text()
+    with pytest.raises(SystemExit) as stop:
+        train.main(run_args("--norm", "ln", "--seed", "1"))
+    assert stop.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out/ln/metrics.json").read_text() == before
+    train.main(run_args("--norm", "ln", "--seed", "1", "--overwrite"))
+    assert json.loads((tmp_path / "out/ln/metrics.json").read_text())["seed"] == 1
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--norm", "xyz", "invalid choice: 'xyz'"),
+    ("--epochs", "0", "must be at least 1"),
+    ("--epochs", "-3", "must be at least 1"),
+    ("--epochs", "ten", "not a whole number"),
+    ("--batch-size", "0", "must be at least 1"),
+    ("--batch-size", "-8", "must be at least 1"),
+    ("--lr", "-0.1", "must be above 0"),
+    ("--lr", "0", "must be above 0"),
+    ("--lr", "nan", "must be a finite number"),
+    ("--device", "gpu7", "not a device"),
+])
+def test_bad_option_is_one_line_and_exit_code_2(run_args, capsys, option, value, message):
+    assert message in one_line_error(capsys, [*run_args(), option, value])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_line(run_args, capsys):
+    assert "CUDA is not available" in one_line_error(capsys, [*run_args(), "--device", "cuda"])
+
+
+def test_missing_data_dir_without_network_is_one_line(run_args, tmp_path, capsys, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    err = one_line_error(capsys, [*run_args(), "--data-dir", str(tmp_path / "missing")])
+    assert "download failed" in err and "--data-dir" in err
+
+
+def test_bad_image_folder_is_one_line(run_args, image_folder, capsys):
+    (image_folder / "train" / "airplane" / "0000.png").unlink()
+    from PIL import Image
+    Image.new("RGB", (28, 28)).save(image_folder / "train" / "airplane" / "0000.png")
+    assert "0000.png is a 28x28 RGB image" in one_line_error(capsys, run_args())
+
+
+def test_unwritable_out_dir_is_one_line(run_args, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    err = one_line_error(capsys, [*run_args(), "--out-dir", str(tmp_path / "a-file" / "out")])
+    assert "cannot write to" in err
+
+
+def test_corrupt_checkpoint_is_one_line(run_args, tmp_path, capsys):
+    (tmp_path / "out/bn").mkdir(parents=True)
+    (tmp_path / "out/bn/checkpoint.pt").write_bytes(b"garbage")
+    err = one_line_error(capsys, [*run_args("--norm", "bn"), "--resume"])
+    assert "not a readable checkpoint" in err
+
+
+def test_checkpoint_of_another_norm_is_refused_before_loading(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "bn"))
+    (tmp_path / "out/ln").mkdir()
+    (tmp_path / "out/bn/checkpoint.pt").rename(tmp_path / "out/ln/checkpoint.pt")
+    err = one_line_error(capsys, [*run_args("--norm", "ln"), "--resume"])
+    assert "norm='bn'" in err
+    assert not (tmp_path / "out/ln/metrics.json").exists()
+
+
+def test_checkpoint_with_other_options_is_refused(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "bn"))
+    os.remove(tmp_path / "out/bn/metrics.json")
+    err = one_line_error(capsys, [*run_args("--norm", "bn", "--lr", "0.01"), "--resume"])
+    assert "lr=0.2" in err
+
+
+def test_cli_rejects_unknown_norm_without_traceback():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--norm", "xyz"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "invalid choice: 'xyz'" in result.stderr
