@@ -10,7 +10,6 @@ comparison.png and <out-dir>/results.md.
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -33,7 +32,6 @@ WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
 TRANSLATE = 4           # pixels of random shift each way
 CUTOUT = 0              # side of the cutout square; 0 = off
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-norms"
 
 # The options a checkpoint must share with the run that resumes it.
 RUN_OPTIONS = ("norm", "epochs", "batch_size", "lr", "momentum", "weight_decay",
@@ -106,7 +104,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="CIFAR-10 as an image folder (train/<class>/*, test/<class>/*) or "
                              "torchvision's files, downloaded there if absent (default: %(default)s)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+    parser.add_argument("--cache-dir", type=Path, default=utils.default_cache_dir(),
                         help="where the decoded data set is cached (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs"),
                         help="metrics, weights and checkpoints go to OUT_DIR/<norm>/ (default: %(default)s)")
@@ -157,10 +155,17 @@ def check_not_clobbering(files, args):
                         "replace them, or choose another --out-dir")
 
 
+def run_options(norm, args):
+    return {key: getattr(args, key) for key in RUN_OPTIONS} | {"norm": norm}
+
+
 def restore(checkpoint, norm, args, model, optimizer, scheduler, generator, path):
     """Load a checkpoint into the run, or raise UserError before changing anything."""
-    run = {key: getattr(args, key) for key in RUN_OPTIONS} | {"norm": norm}
-    saved_run = checkpoint.get("run", {}) if isinstance(checkpoint, dict) else {}
+    expected_keys = {"run", "model", "optimizer", "scheduler", "rng", "metrics"}
+    if not isinstance(checkpoint, dict) or not expected_keys <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py; "
+                        "pass --overwrite to start afresh")
+    run, saved_run = run_options(norm, args), checkpoint["run"]
     if (different := [key for key in RUN_OPTIONS if saved_run.get(key) != run[key]]):
         raise UserError(f"{path} was made with other options "
                         + ", ".join(f"{key}={saved_run.get(key)!r}" for key in different)
@@ -236,7 +241,7 @@ def run_variant(norm, args, data, device):
         print(f"{norm} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
               f"acc {100 * train_acc:5.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  "
               f"{seconds:5.1f}s", flush=True)
-        utils.atomic_save({"run": {key: getattr(args, key) for key in RUN_OPTIONS} | {"norm": norm},
+        utils.atomic_save({"run": run_options(norm, args),
                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(),
                            "rng": utils.rng_states(generator), "metrics": metrics},

@@ -38,6 +38,10 @@ class NonFiniteLoss(Exception):
 # Data: CIFAR-10 as uint8 tensors, decoded once and cached
 # ----------------------------------------------------------------------------
 
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-norms"
+
+
 def load_cifar10(data_dir, cache_dir, download=True):
     """Both splits as {"train": (images, labels), "test": (...), "source": str}.
 
@@ -169,38 +173,51 @@ def _read_torchvision(data_dir, train):
 # ----------------------------------------------------------------------------
 
 def normalize(images):
-    """uint8 (N, 3, H, W) -> float, per-channel standardized."""
+    """uint8 (N, 3, H, W) -> float, per-channel standardized, channels_last.
+
+    channels_last makes the convolutions about 1.5x faster on the CPU (bench.py).
+    """
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    x = (images.float() / 255 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def augment(images, generator, translate=4, cutout=0):
-    """Random translate (reflect-padded crop), horizontal flip and cutout.
+    """Random translate, horizontal flip and cutout of each image of a batch.
 
-    Each image of the float batch gets its own random draw from `generator`.
+    Translation reflects at the border, as reflect padding would. Translate
+    and flip are one gather of pixel indices, so the batch is copied once;
+    cutout fills a square with the mean colour. Every image gets its own
+    random draw from `generator`.
     """
     n, _, h, w = images.shape
     device = images.device
+    rows = torch.arange(h, device=device).expand(n, h)
+    cols = torch.arange(w, device=device).expand(n, w)
     if translate:
-        padded = F.pad(images, (translate,) * 4, mode="reflect")
-        shift = torch.randint(0, 2 * translate + 1, (2, n, 1), generator=generator, device=device)
-        rows = (shift[0] + torch.arange(h, device=device))[:, :, None]  # n, h, 1
-        cols = (shift[1] + torch.arange(w, device=device))[:, None, :]  # n, 1, w
-        batch = torch.arange(n, device=device)[:, None, None]
-        # Advanced indexing puts the indexed dims first: (n, h, w, c).
-        images = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        shift = torch.randint(-translate, translate + 1, (2, n, 1), generator=generator, device=device)
+        rows, cols = _reflect(rows + shift[0], h), _reflect(cols + shift[1], w)
+    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    cols = torch.where(flip, w - 1 - cols, cols)
+    batch = torch.arange(n, device=device)[:, None, None]
+    # Advanced indexing puts the indexed dims first: (n, h, w, c), i.e. channels_last.
+    images = images[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     if cutout:
-        # A cutout x cutout square of zeros (the mean after normalizing),
-        # centred anywhere in the image, so it may lie partly outside.
+        # A cutout x cutout square centred anywhere, so it may lie partly outside.
         centre = torch.randint(0, h, (2, n, 1), generator=generator, device=device)
         offset = torch.arange(h, device=device) - centre + cutout // 2  # 2, n, h
         inside = (offset >= 0) & (offset < cutout)
-        hole = inside[0][:, :, None] & inside[1][:, None, :]
-        images = images.masked_fill(hole[:, None], 0.0)
-    return images.contiguous(memory_format=torch.channels_last)
+        hole = (inside[0][:, :, None] & inside[1][:, None, :])[:, None]
+        mean_colour = (torch.tensor(MEAN, device=device) * 255).round().to(images.dtype)
+        images = torch.where(hole, mean_colour.view(1, 3, 1, 1), images)
+    return images
+
+
+def _reflect(index, size):
+    """Map indices outside 0..size-1 back inside, mirroring at the edges."""
+    index = index.abs()
+    return (size - 1) - ((size - 1) - index).abs()
 
 
 # ----------------------------------------------------------------------------
@@ -228,7 +245,7 @@ def train(model, images, labels, optimizer, scheduler, batch_size, generator,
     finite = []  # checked after the epoch: a check per batch would sync the GPU
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=None, leave=False):
         index = order[start:start + batch_size]
-        x = augment(normalize(images[index]), generator, **(augmentation or {}))
+        x = normalize(augment(images[index], generator, **(augmentation or {})))
         y = labels[index]
         with autocast(images.device, amp):
             output = model(x)
@@ -254,7 +271,7 @@ def test(model, images, labels, batch_size=1000, amp=False):
     total_loss = torch.zeros((), device=images.device)
     predictions = []
     for start in range(0, len(labels), batch_size):
-        x = normalize(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+        x = normalize(images[start:start + batch_size])
         with autocast(images.device, amp):
             output = model(x)
         total_loss += F.cross_entropy(output.float(), labels[start:start + batch_size], reduction="sum")

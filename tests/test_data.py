@@ -104,19 +104,19 @@ def test_unreadable_files_are_skipped_with_a_warning(image_folder, tmp_path, cap
 
 def test_augmentation_keeps_shapes_and_each_image_with_its_own_content():
     generator = torch.Generator().manual_seed(0)
-    # Image i is constant i: translation (reflect padding) and flips keep it so,
-    # so any mix-up between images would show.
-    images = torch.arange(64, dtype=torch.float32).view(64, 1, 1, 1).expand(64, 3, 32, 32)
+    # Image i is constant i: translation (reflecting at the border) and flips
+    # keep it so, so any mix-up between images would show.
+    images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 3, 32, 32)
     out = utils.augment(images, generator, translate=4)
-    assert out.shape == images.shape
+    assert out.shape == images.shape and out.dtype == torch.uint8
     assert torch.equal(out, images)
 
 
 def test_augmentation_translates_and_flips_per_image():
     generator = torch.Generator().manual_seed(0)
-    image = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32).expand(200, 3, 32, 32)
+    image = torch.arange(32 * 32).view(1, 1, 32, 32).expand(200, 3, 32, 32)
     out = utils.augment(image, generator, translate=4)
-    padded = torch.nn.functional.pad(image[:1], (4, 4, 4, 4), mode="reflect")[0]
+    padded = torch.nn.functional.pad(image[:1].float(), (4, 4, 4, 4), mode="reflect")[0].long()
     windows = {(dy, dx, flip): padded[:, dy:dy + 32, dx:dx + 32].flip(2) if flip
                else padded[:, dy:dy + 32, dx:dx + 32]
                for dy in range(9) for dx in range(9) for flip in (False, True)}
@@ -125,10 +125,19 @@ def test_augmentation_translates_and_flips_per_image():
     assert {flip for _, _, flip in found} == {False, True}
 
 
-def test_cutout_zeroes_one_square_of_the_given_size():
+def test_cutout_fills_one_square_of_the_given_size_with_the_mean_colour():
     generator = torch.Generator().manual_seed(0)
-    images = torch.ones(100, 3, 32, 32)
+    images = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)
     out = utils.augment(images, generator, translate=0, cutout=8)
-    holes = (out[:, 0] == 0).sum((1, 2))
-    assert holes.max() == 64 and holes.min() > 0  # partly outside near the border
-    assert torch.equal(out[:, 0] == 0, out[:, 2] == 0)  # all channels alike
+    holes = out != 0
+    assert holes[:, 0].sum((1, 2)).max() == 64 and holes[:, 0].sum((1, 2)).min() > 0
+    assert torch.equal(holes[:, 0], holes[:, 2])  # all channels alike
+    assert out[:, :, 0:32, 0:32].amax((0, 2, 3)).tolist() == [125, 123, 114]
+
+
+def test_normalize_standardizes_to_channels_last():
+    images = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    x = utils.normalize(images)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    expected = [(128 / 255 - m) / s for m, s in zip(utils.MEAN, utils.STD)]
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor(expected))

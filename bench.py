@@ -1,0 +1,166 @@
+"""Training speed, side by side, in one process on the same model and batch size.
+
+    python bench.py --data-dir ../shared/data/cifar10-jpg --batches 40
+
+For each norm it times the same SGD steps fed three ways:
+  project       cached uint8 tensors, augmentation on whole batches on the device
+  limit         forward + backward + step on one pre-made batch: no data work at all
+                (also with model and batch in contiguous layout instead of channels_last)
+  dataloader-N  torchvision-style: a PIL image per sample, RandomCrop(32, padding=4),
+                RandomHorizontalFlip, ToTensor, Normalize, DataLoader with N workers
+and prints images/second, seconds per 50k-image epoch and the time ratios
+project/limit (the data pipeline's overhead) and dataloader/project (the
+speed-up over the conventional pipeline, fastest worker count).
+"""
+import time
+
+START = time.perf_counter()  # start-up is measured from here: imports count
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import utils  # noqa: E402
+from models import NORMS, Net  # noqa: E402
+
+EPOCH_IMAGES = 50_000
+
+
+class PILImages(torch.utils.data.Dataset):
+    """What torchvision.datasets.CIFAR10 does per sample: array -> PIL image -> transform.
+
+    Built on the cached arrays, so no JPEG decoding is charged to it.
+    """
+
+    def __init__(self, images, labels, transform):
+        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def conventional_loader(images, labels, batch_size, workers):
+    import torchvision.transforms as T
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                           T.ToTensor(), T.Normalize(utils.MEAN, utils.STD)])
+    return torch.utils.data.DataLoader(PILImages(images, labels, transform), batch_size=batch_size,
+                                       shuffle=True, num_workers=workers, drop_last=True,
+                                       persistent_workers=workers > 0)
+
+
+def step(model, optimizer, x, y):
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def timed(run, batches, batch_size, warmup=3):
+    """Images per second of `run(n)`, which trains on n batches."""
+    run(warmup)
+    start = time.perf_counter()
+    run(batches)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def bench_norm(norm, data, args, device):
+    torch.manual_seed(0)
+    model = Net(norm).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model = torch.compile(model) if args.compile else model
+    images, labels = data["train"]
+    device_images, device_labels = images.to(device), labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    bs = args.batch_size
+
+    def project(n):
+        utils.train(model, device_images[:n * bs], device_labels[:n * bs], optimizer,
+                    constant_lr, bs, generator, augmentation={"translate": 4})
+
+    x = utils.normalize(device_images[:bs])
+    y = device_labels[:bs]
+
+    def limit(n):
+        model.train()
+        for _ in range(n):
+            step(model, optimizer, x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    rows = {"project": timed(project, args.batches, bs), "limit": timed(limit, args.batches, bs)}
+    # The same limit with model and batch in the default contiguous (NCHW) layout.
+    model.to(memory_format=torch.contiguous_format)
+    x = x.contiguous()
+    rows["limit-contiguous"] = timed(limit, args.batches, bs)
+    model.to(memory_format=torch.channels_last)
+    for workers in args.workers:
+        loader = conventional_loader(images, labels, bs, workers)
+
+        def conventional(n):
+            model.train()
+            for i, (xb, yb) in enumerate(loader):
+                if i == n:
+                    break
+                step(model, optimizer, xb.to(device).contiguous(memory_format=torch.channels_last),
+                     yb.to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        rows[f"dataloader-{workers}"] = timed(conventional, args.batches, bs)
+        del loader
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--norm", choices=[*NORMS, "all"], default="all")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per pipeline")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="DataLoader worker counts to try (default: 0 1 2)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--cache-dir", default=str(utils.default_cache_dir()))
+    parser.add_argument("--synthetic", type=int, metavar="N",
+                        help="use N random images instead of CIFAR-10 (smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    if args.synthetic:
+        generator = torch.Generator().manual_seed(0)
+        data = {"train": (torch.randint(0, 256, (args.synthetic, 3, 32, 32), dtype=torch.uint8,
+                                        generator=generator),
+                          torch.randint(0, 10, (args.synthetic,), generator=generator)),
+                "source": f"{args.synthetic} random images"}
+    else:
+        data = utils.load_cifar10(args.data_dir, args.cache_dir, download=False)
+    startup = time.perf_counter() - START
+
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch size {args.batch_size}, {args.batches} timed batches, compile={args.compile}")
+    print(f"data: {data['source']}; start-up to data ready: {startup:.2f}s\n")
+    print("| norm | pipeline | images/s | s/epoch (50k) | time vs project |")
+    print("|---|---|---:|---:|---:|")
+    for norm in NORMS if args.norm == "all" else [args.norm]:
+        rows = bench_norm(norm, data, args, device)
+        for name, speed in rows.items():
+            print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
+                  f"| {rows['project'] / speed:.2f} |", flush=True)
+        best = max((k for k in rows if k.startswith("dataloader")), key=rows.get)
+        print(f"| {norm} | time project/limit **{rows['limit'] / rows['project']:.2f}**, "
+              f"{best}/project **{rows['project'] / rows[best]:.2f}** | | | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
