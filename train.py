@@ -35,7 +35,7 @@ CUTOUT = 0              # side of the cutout square; 0 = off
 
 # The options a checkpoint must share with the run that resumes it.
 RUN_OPTIONS = ("norm", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "label_smoothing", "translate", "cutout", "seed")
+               "label_smoothing", "translate", "cutout", "seed", "val_split")
 
 
 # ----------------------------------------------------------------------------
@@ -101,6 +101,10 @@ def parse_args(argv=None):
     parser.add_argument("--cutout", type=int, choices=range(0, 33), default=CUTOUT, metavar="0..32",
                         help="side of the random cutout square, 0 for none (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    parser.add_argument("--val-split", type=int, default=0, metavar="N",
+                        help="hold out N training images (the same N for every seed) and evaluate "
+                             "on them instead of the test set, to choose hyperparameters "
+                             "(default: 0, evaluate on the test set)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="CIFAR-10 as an image folder (train/<class>/*, test/<class>/*) or "
                              "torchvision's files, downloaded there if absent (default: %(default)s)")
@@ -118,6 +122,9 @@ def parse_args(argv=None):
                         help="continue each variant from its checkpoint in OUT_DIR, where there is one")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in OUT_DIR")
+    parser.add_argument("--plots-only", action="store_true",
+                        help="train nothing: redraw the figures and results table of the runs "
+                             "finished in OUT_DIR")
     args = parser.parse_args(argv)
 
     try:
@@ -126,6 +133,8 @@ def parse_args(argv=None):
         parser.error(f"--device: {args.device!r} is not a device; use cpu, cuda or cuda:N")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if args.val_split < 0:
+        parser.error(f"--val-split must be 0 or more, got {args.val_split}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     args.images_dir = args.images_dir or args.out_dir / "images"
@@ -210,7 +219,8 @@ def run_variant(norm, args, data, device):
     metrics = {"norm": norm, "params": params, "seed": args.seed, "epochs": args.epochs,
                "batch_size": args.batch_size, "lr": args.lr, "device": str(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "data_source": data["source"], "train_size": len(train_labels),
+               "data_source": data["source"], "eval_split": data["eval_split"],
+               "train_size": len(train_labels),
                "test_size": len(test_labels), "train_loss": [], "train_acc": [],
                "test_loss": [], "test_acc": [], "epoch_seconds": []}
     if checkpoint is not None:
@@ -248,20 +258,36 @@ def run_variant(norm, args, data, device):
                           files["checkpoint"])
 
     _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels, amp=args.amp)
-    _, _, predictions = utils.test(step_model, test_images, test_labels, amp=args.amp)
     utils.atomic_save(model.state_dict(), files["model"])
     files["metrics"].write_text(json.dumps(metrics, indent=1) + "\n")
-    args.images_dir.mkdir(parents=True, exist_ok=True)
+    draw_figures(step_model, metrics, files, test_images, test_labels, args)
+
+
+def draw_figures(model, metrics, files, test_images, test_labels, args):
+    """The variant's curves and its grid of misclassified test images."""
+    _, _, predictions = utils.test(model, test_images, test_labels, amp=args.amp)
     utils.plot_curves(metrics, files["curves"])
     utils.plot_misclassified(test_images, test_labels, predictions, files["misclassified"],
-                             f"{norm.upper()}: misclassified test images")
-    return metrics
+                             f"{metrics['norm'].upper()}: misclassified {metrics.get('eval_split', 'test')} images")
+
+
+def redraw_variant(norm, args, data, device):
+    """--plots-only: the figures again, from the finished run's metrics and weights."""
+    files = output_files(norm, args)
+    if not files["metrics"].exists():
+        return
+    model = Net(norm).to(device, memory_format=torch.channels_last)
+    model.load_state_dict(torch.load(files["model"], map_location=device))
+    draw_figures(model, json.loads(files["metrics"].read_text()), files,
+                 *(t.to(device) for t in data["test"]), args)
 
 
 def write_report(args):
     """results.md and comparison.png from every variant finished in OUT_DIR."""
     paths = [output_files(norm, args)["metrics"] for norm in NORMS]
     all_metrics = [json.loads(path.read_text()) for path in paths if path.exists()]
+    if not all_metrics:
+        raise UserError(f"no finished run in {args.out_dir} to report on")
     table = utils.results_table(all_metrics)
     (args.out_dir / "results.md").write_text(table)
     utils.plot_comparison(all_metrics, args.images_dir / "comparison.png")
@@ -295,12 +321,14 @@ def main(argv=None):
             check_writable(folder)
         start = time.perf_counter()
         data = utils.load_cifar10(args.data_dir, args.cache_dir)
+        if args.val_split:
+            data = utils.hold_out(data, args.val_split)
         print(f"data: {data['source']}: {len(data['train'][1]):,} train, "
               f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
         if args.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         for norm in NORMS if args.norm == "all" else [args.norm]:
-            run_variant(norm, args, data, args.device)
+            (redraw_variant if args.plots_only else run_variant)(norm, args, data, args.device)
         write_report(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -20,7 +20,6 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 # Per-channel mean and std of the official CIFAR-10 training set.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-IMAGE_SHAPE = (3, 32, 32)
 
 
 class UserError(Exception):
@@ -43,7 +42,7 @@ def default_cache_dir():
 
 
 def load_cifar10(data_dir, cache_dir, download=True):
-    """Both splits as {"train": (images, labels), "test": (...), "source": str}.
+    """Both splits as {"train": (images, labels), "test": (...), "source": ..., "eval_split": "test"}.
 
     images: uint8 (N, 3, 32, 32), labels: int64 (N,), CIFAR-10's class order.
     `data_dir` holds either an image folder (train/<class>/*, test/<class>/*)
@@ -53,12 +52,29 @@ def load_cifar10(data_dir, cache_dir, download=True):
     if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
         data = {split: _cached(data_dir / split, cache_dir, partial(_read_image_folder, data_dir / split))
                 for split in ("train", "test")}
-        return {**data, "source": f"image folder {data_dir}"}
+        return {**data, "source": f"image folder {data_dir}", "eval_split": "test"}
     _ensure_torchvision_files(data_dir, download)
     data = {split: _cached(data_dir / "cifar-10-batches-py", cache_dir,
                            partial(_read_torchvision, data_dir, split == "train"), split)
             for split in ("train", "test")}
-    return {**data, "source": f"torchvision CIFAR10 {data_dir}"}
+    return {**data, "source": f"torchvision CIFAR10 {data_dir}", "eval_split": "test"}
+
+
+def hold_out(data, count):
+    """Split `count` training images off as the evaluation set, in place of the test set.
+
+    The held-out images are drawn with a fixed seed, so every run compares on
+    the same validation images whatever its --seed.
+    """
+    images, labels = data["train"]
+    if not 0 < count < len(labels):
+        raise UserError(f"cannot hold out {count} of {len(labels)} training images; "
+                        f"choose between 1 and {len(labels) - 1}")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, held_out = order[count:].sort().values, order[:count].sort().values
+    return {"train": (images[train], labels[train]), "test": (images[held_out], labels[held_out]),
+            "source": f"{data['source']}, {count} training images held out",
+            "eval_split": "validation"}
 
 
 def _cached(folder, cache_dir, read, name=None):
@@ -122,6 +138,8 @@ def _read_image_folder(split_dir):
         shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
         print(f"warning: skipped {len(unreadable)} file(s) that are not readable images: {shown}")
     kept = [i for i, image in enumerate(decoded) if image is not None]
+    if not kept:
+        raise UserError(f"{split_dir} has no readable images")
     images = torch.from_numpy(np.stack([decoded[i] for i in kept])).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor([labels[i] for i in kept])
 
@@ -342,66 +360,74 @@ def plot_curves(metrics, path):
     """Loss and accuracy per epoch, train and test, for one model."""
     plt = _pyplot()
     epochs = range(1, len(metrics["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "test"):
-        ax_loss.plot(epochs, metrics[f"{split}_loss"], marker=".", label=split)
-        ax_acc.plot(epochs, [100 * a for a in metrics[f"{split}_acc"]], marker=".", label=split)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    eval_split = metrics.get("eval_split", "test")
+    for split, label in (("train", "train (augmented)"), ("test", eval_split)):
+        ax_loss.plot(epochs, metrics[f"{split}_loss"], marker=".", label=label)
+        ax_acc.plot(epochs, [100 * a for a in metrics[f"{split}_acc"]], marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
+    _style(ax_loss, ax_acc)
     fig.suptitle(f"{metrics['norm'].upper()}: {metrics['params']:,} parameters")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _style(*axes):
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+
 def plot_comparison(all_metrics, path):
-    """Test loss and accuracy per epoch of every variant, in one figure."""
+    """Loss and accuracy per epoch of every variant, in one figure."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    eval_split = all_metrics[0].get("eval_split", "test")
     for m in all_metrics:
         epochs = range(1, len(m["test_loss"]) + 1)
         name = m["norm"].upper()
-        axes[0].plot(epochs, m["train_loss"], ls="--", label=f"{name} train")
-        axes[0].plot(epochs, m["test_loss"], label=f"{name} test")
+        line, = axes[0].plot(epochs, m["test_loss"], label=f"{name} {eval_split}")
+        axes[0].plot(epochs, m["train_loss"], ls="--", color=line.get_color(), label=f"{name} train")
         axes[1].plot(epochs, [100 * a for a in m["train_acc"]], label=name)
         axes[2].plot(epochs, [100 * a for a in m["test_acc"]], label=name)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing)")
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="train accuracy (augmented)")
-    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title="test accuracy")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
+    _style(*axes)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_misclassified(images, labels, predictions, path, title, count=10):
-    """A 5x2 grid of the first `count` misclassified images, true and predicted class.
+    """A 5x2 grid of misclassified test images, titled with true and predicted class.
 
-    images are the uint8 originals, so they show exactly what the network saw
-    before normalization.
+    One image per true class where possible (the first of each), so the grid
+    shows the range of mistakes. images are the uint8 originals: exactly what
+    the network saw, before normalization.
     """
     plt = _pyplot()
-    wrong = (predictions != labels).nonzero().flatten()[:count].tolist()
-    fig, axes = plt.subplots(2, 5, figsize=(10, 4.8))
+    wrong = (predictions != labels).nonzero().flatten().tolist()
+    first_per_class = list({labels[i].item(): i for i in reversed(wrong)}.values())[::-1]
+    chosen = sorted(first_per_class, key=lambda i: labels[i].item())
+    chosen += [i for i in wrong if i not in chosen]
+    fig, axes = plt.subplots(2, 5, figsize=(10, 5), layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i in zip(axes.flat, chosen[:count]):
         ax.imshow(images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=9)
+        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=10)
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def results_table(all_metrics):
     """A markdown table: params, final train and test accuracy per variant."""
-    lines = ["| model | params | train acc | test acc | s/epoch |",
+    split = all_metrics[0].get("eval_split", "test") if all_metrics else "test"
+    lines = [f"| model | params | train acc | {split} acc | s/epoch |",
              "|---|---:|---:|---:|---:|"]
     for m in all_metrics:
         seconds = sum(m["epoch_seconds"]) / len(m["epoch_seconds"])

@@ -1,4 +1,5 @@
 """Tiny synthetic CIFAR-10 look-alikes, written to tmp_path, so no test needs the network."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,3 +45,19 @@ def run_args(image_folder, tmp_path):
                 "--out-dir", str(tmp_path / out), "--epochs", "2", "--batch-size", "32",
                 "--device", "cpu", *extra]
     return make
+
+
+# Ways to break an image folder, each with the error it must give.
+BROKEN_FOLDERS = {
+    "extra class": (lambda root: (root / "train" / "kitten").mkdir(), "unexpected folder.*kitten"),
+    "missing class": (lambda root: shutil.rmtree(root / "test" / "ship"), "no folder for class.*ship"),
+    "empty class": (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()],
+                    "dog has no images"),
+    "only unreadable files": (lambda root: [p.write_text("?") for p in (root / "test").glob("*/*")],
+                              "test has no readable images"),
+    "too large": (lambda root: Image.new("RGB", (64, 64)).save(root / "train" / "cat" / "big.png"),
+                  "big.png is a 64x64 RGB image"),
+    "grayscale": (lambda root: Image.new("L", (32, 32)).save(root / "test" / "cat" / "gray.png"),
+                  "gray.png is a 32x32 L image"),
+    "no test split": (lambda root: shutil.rmtree(root / "test"), "test is missing"),
+}

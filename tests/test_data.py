@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import utils
-from conftest import write_image_folder
+from conftest import BROKEN_FOLDERS
 from utils import CLASSES, UserError
 
 
@@ -75,17 +75,9 @@ def test_missing_data_that_cannot_be_downloaded_says_how_to_provide_it(tmp_path,
         utils.load_cifar10(tmp_path / "nowhere", tmp_path / "cache")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda root: (root / "train" / "kitten").mkdir(), "unexpected folder.*kitten"),
-    (lambda root: __import__("shutil").rmtree(root / "test" / "ship"), "no folder for class.*ship"),
-    (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()], "dog has no images"),
-    (lambda root: Image.new("RGB", (64, 64)).save(root / "train" / "cat" / "big.png"),
-     "big.png is a 64x64 RGB image"),
-    (lambda root: Image.new("L", (32, 32)).save(root / "test" / "cat" / "gray.png"),
-     "gray.png is a 32x32 L image"),
-    (lambda root: __import__("shutil").rmtree(root / "test"), "test is missing"),
-])
-def test_broken_image_folder_is_a_clear_error(image_folder, tmp_path, change, message):
+@pytest.mark.parametrize("broken", BROKEN_FOLDERS)
+def test_broken_image_folder_is_a_clear_error(image_folder, tmp_path, broken):
+    change, message = BROKEN_FOLDERS[broken]
     change(image_folder)
     with pytest.raises(UserError, match=message):
         utils.load_cifar10(image_folder, tmp_path / "cache")

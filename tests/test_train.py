@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 
 import train
 import utils
-from conftest import ROOT
+from conftest import BROKEN_FOLDERS, ROOT
 
 FILES = ["out/bn/metrics.json", "out/bn/model.pt", "out/bn/checkpoint.pt",
          "out/images/bn_curves.png", "out/images/bn_misclassified.png"]
@@ -194,11 +195,11 @@ def test_missing_data_dir_without_network_is_one_line(run_args, tmp_path, capsys
     assert "download failed" in err and "--data-dir" in err
 
 
-def test_bad_image_folder_is_one_line(run_args, image_folder, capsys):
-    (image_folder / "train" / "airplane" / "0000.png").unlink()
-    from PIL import Image
-    Image.new("RGB", (28, 28)).save(image_folder / "train" / "airplane" / "0000.png")
-    assert "0000.png is a 28x28 RGB image" in one_line_error(capsys, run_args())
+@pytest.mark.parametrize("broken", BROKEN_FOLDERS)
+def test_bad_image_folder_is_one_line(run_args, image_folder, capsys, broken):
+    change, message = BROKEN_FOLDERS[broken]
+    change(image_folder)
+    assert re.search(message, one_line_error(capsys, run_args()))
 
 
 def test_unwritable_out_dir_is_one_line(run_args, tmp_path, capsys):
@@ -245,3 +246,41 @@ def test_bench_smoke_prints_every_pipeline_and_the_ratios():
     for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |",
                 "time project/limit", "dataloader-0/project"):
         assert row in result.stdout
+
+
+def test_val_split_evaluates_on_held_out_training_images(run_args, tmp_path):
+    train.main(run_args("--norm", "bn", "--val-split", "30"))
+    metrics = json.loads((tmp_path / "out/bn/metrics.json").read_text())
+    assert metrics["eval_split"] == "validation"
+    assert metrics["train_size"] == 50 and metrics["test_size"] == 30
+    assert "| validation acc |" in (tmp_path / "out/results.md").read_text()
+
+
+def test_val_split_holds_out_the_same_images_whatever_the_seed(image_folder, tmp_path):
+    data = utils.load_cifar10(image_folder, tmp_path / "cache")
+    torch.manual_seed(1)
+    a = utils.hold_out(data, 30)
+    torch.manual_seed(2)
+    b = utils.hold_out(data, 30)
+    assert torch.equal(a["test"][0], b["test"][0])
+    assert len(a["train"][1]) + len(a["test"][1]) == len(data["train"][1])
+    # No held-out image is also a training image.
+    train_set = {bytes(x.numpy()) for x in a["train"][0]}
+    assert not any(bytes(x.numpy()) in train_set for x in a["test"][0])
+
+
+def test_plots_only_redraws_figures_without_training(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "gn"))
+    metrics_before = (tmp_path / "out/gn/metrics.json").read_text()
+    for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
+        (tmp_path / "out/images" / name).unlink()
+    capsys.readouterr()
+    train.main(run_args("--norm", "gn", "--plots-only"))
+    assert "gn epoch" not in capsys.readouterr().out
+    for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
+        assert (tmp_path / "out/images" / name).stat().st_size > 0
+    assert (tmp_path / "out/gn/metrics.json").read_text() == metrics_before
+
+
+def test_plots_only_without_a_finished_run_is_one_line(run_args, capsys):
+    assert "no finished run" in one_line_error(capsys, [*run_args(), "--plots-only"])
