@@ -210,9 +210,7 @@ def run_variant(norm, args, data, device):
     steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 nesterov=args.momentum > 0, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-        pct_start=0.25, anneal_strategy="linear")
+    scheduler = utils.one_cycle(optimizer, args.epochs * steps_per_epoch)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 

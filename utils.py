@@ -247,6 +247,14 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def one_cycle(optimizer, total_steps, warmup_fraction=0.25):
+    """Learning rate per step: linear from 0 up to the optimizer's lr over the
+    first quarter of the steps, then linear down to 0 at the end."""
+    points = [0, warmup_fraction * total_steps, total_steps]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: float(np.interp(step, points, [0.0, 1.0, 0.0])))
+
+
 def train(model, images, labels, optimizer, scheduler, batch_size, generator,
           label_smoothing=0.0, augmentation=None, amp=False, desc="train"):
     """One epoch over (images, labels) in a random order.

@@ -284,3 +284,20 @@ def test_plots_only_redraws_figures_without_training(run_args, tmp_path, capsys)
 
 def test_plots_only_without_a_finished_run_is_one_line(run_args, capsys):
     assert "no finished run" in one_line_error(capsys, [*run_args(), "--plots-only"])
+
+
+def test_one_cycle_rises_to_the_peak_then_falls_to_zero():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4, momentum=0.9)
+    scheduler = utils.one_cycle(optimizer, total_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0, 0.2, 0.4, 0.4 * 5 / 6, 0.4 * 4 / 6, 0.4 * 3 / 6, 0.4 * 2 / 6, 0.4 / 6])
+    assert optimizer.param_groups[0]["momentum"] == 0.9  # momentum is left as given
+
+
+def test_a_run_of_a_single_step_works(run_args, tmp_path):
+    train.main(run_args("--norm", "bn", "--epochs", "1", "--batch-size", "128"))
+    assert json.loads((tmp_path / "out/bn/metrics.json").read_text())["epochs"] == 1
