@@ -214,8 +214,7 @@ def run_variant(norm, args, data, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
-    metrics = {"norm": norm, "params": params, "seed": args.seed, "epochs": args.epochs,
-               "batch_size": args.batch_size, "lr": args.lr, "device": str(device),
+    metrics = {**run_options(norm, args), "params": params, "device": str(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "data_source": data["source"], "eval_split": data["eval_split"],
                "train_size": len(train_labels),

@@ -33,6 +33,7 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         metrics = json.loads((tmp_path / "out" / norm / "metrics.json").read_text())
         assert metrics["norm"] == norm and metrics["epochs"] == 2 and metrics["seed"] == 0
         assert metrics["params"] < 50_000 and metrics["device"] == "cpu"
+        assert metrics["momentum"] == 0.9 and metrics["label_smoothing"] == 0.1  # the recipe
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
             assert len(metrics[key]) == 2
         assert metrics["train_size"] == 80 and metrics["test_size"] == 20
@@ -301,3 +302,23 @@ def test_one_cycle_rises_to_the_peak_then_falls_to_zero():
 def test_a_run_of_a_single_step_works(run_args, tmp_path):
     train.main(run_args("--norm", "bn", "--epochs", "1", "--batch-size", "128"))
     assert json.loads((tmp_path / "out/bn/metrics.json").read_text())["epochs"] == 1
+
+
+def test_resume_after_sigkill_ends_bit_identical(run_args, tmp_path):
+    args = ["--norm", "gn", "--epochs", "4"]
+    train.main(run_args(*args, out="whole"))
+
+    command = [sys.executable, str(ROOT / "train.py"), *run_args(*args, out="killed")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed/gn/checkpoint.pt"
+    deadline = time.time() + 60
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs, wherever it is
+    process.wait(timeout=30)
+
+    train.main(run_args(*args, "--resume", out="killed"))
+    assert read_metrics(tmp_path / "killed/gn/metrics.json") == read_metrics(tmp_path / "whole/gn/metrics.json")
+    whole = torch.load(tmp_path / "whole/gn/model.pt")
+    killed = torch.load(tmp_path / "killed/gn/model.pt")
+    assert all(torch.equal(whole[k], killed[k]) for k in whole)
