@@ -161,8 +161,8 @@ def _ensure_torchvision_files(data_dir, download):
     """Make sure torchvision's CIFAR10 files are in data_dir, downloading if allowed."""
     if (data_dir / "cifar-10-batches-py").is_dir():
         return
-    help_text = (f"put CIFAR-10 there (torchvision's cifar-10-python.tar.gz, or an image folder "
-                 f"with train/<class>/ and test/<class>/), or pass --data-dir with the data")
+    help_text = ("put CIFAR-10 there (torchvision's cifar-10-python.tar.gz, or an image folder "
+                 "with train/<class>/ and test/<class>/), or pass --data-dir with the data")
     if not download:
         raise UserError(f"no CIFAR-10 data in {data_dir}: {help_text}")
     from torchvision.datasets import CIFAR10
