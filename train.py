@@ -265,7 +265,7 @@ def draw_figures(model, metrics, files, test_images, test_labels, args):
     _, _, predictions = utils.test(model, test_images, test_labels, amp=args.amp)
     utils.plot_curves(metrics, files["curves"])
     utils.plot_misclassified(test_images, test_labels, predictions, files["misclassified"],
-                             f"{metrics['norm'].upper()}: misclassified {metrics.get('eval_split', 'test')} images")
+                             f"{metrics['norm'].upper()}: misclassified {metrics['eval_split']} images")
 
 
 def redraw_variant(norm, args, data, device):

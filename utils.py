@@ -369,7 +369,7 @@ def plot_curves(metrics, path):
     plt = _pyplot()
     epochs = range(1, len(metrics["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    eval_split = metrics.get("eval_split", "test")
+    eval_split = metrics["eval_split"]
     for split, label in (("train", "train (augmented)"), ("test", eval_split)):
         ax_loss.plot(epochs, metrics[f"{split}_loss"], marker=".", label=label)
         ax_acc.plot(epochs, [100 * a for a in metrics[f"{split}_acc"]], marker=".", label=label)
@@ -393,7 +393,7 @@ def plot_comparison(all_metrics, path):
     """Loss and accuracy per epoch of every variant, in one figure."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
-    eval_split = all_metrics[0].get("eval_split", "test")
+    eval_split = all_metrics[0]["eval_split"]
     for m in all_metrics:
         epochs = range(1, len(m["test_loss"]) + 1)
         name = m["norm"].upper()
@@ -438,7 +438,7 @@ def results_table(all_metrics):
     Train accuracy twice: averaged over the last epoch's augmented batches,
     and of the final weights on the un-augmented training images.
     """
-    split = all_metrics[0].get("eval_split", "test")
+    split = all_metrics[0]["eval_split"]
     lines = [f"| model | params | train acc (last epoch, augmented) | train acc (final weights) "
              f"| {split} acc | s/epoch |",
              "|---|---:|---:|---:|---:|---:|"]

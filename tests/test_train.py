@@ -23,6 +23,13 @@ def read_metrics(path):
     return metrics
 
 
+def assert_same_run(run_a, run_b):
+    """Two run folders of one variant hold identical metrics and bit-identical weights."""
+    assert read_metrics(run_a / "metrics.json") == read_metrics(run_b / "metrics.json")
+    a, b = torch.load(run_a / "model.pt"), torch.load(run_b / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
     train.main(run_args())
     out = capsys.readouterr().out
@@ -61,10 +68,7 @@ def test_training_learns_an_easy_task(image_folder, tmp_path):
 def test_same_seed_gives_identical_results(run_args, tmp_path):
     train.main(run_args("--norm", "gn", out="a"))
     train.main(run_args("--norm", "gn", out="b"))
-    assert read_metrics(tmp_path / "a/gn/metrics.json") == read_metrics(tmp_path / "b/gn/metrics.json")
-    a = torch.load(tmp_path / "a/gn/model.pt")
-    b = torch.load(tmp_path / "b/gn/model.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "a/gn", tmp_path / "b/gn")
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])
@@ -87,10 +91,7 @@ def test_resume_after_a_stop_ends_bit_identical(run_args, tmp_path, monkeypatch,
     monkeypatch.undo()
 
     train.main(run_args(*args, "--resume", out="parts"))
-    assert read_metrics(tmp_path / "parts/bn/metrics.json") == read_metrics(tmp_path / "whole/bn/metrics.json")
-    whole = torch.load(tmp_path / "whole/bn/model.pt")
-    parts = torch.load(tmp_path / "parts/bn/model.pt")
-    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert_same_run(tmp_path / "parts/bn", tmp_path / "whole/bn")
 
 
 def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(run_args, tmp_path):
@@ -127,14 +128,14 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(run_arg
     real_forward = train.Net.forward
     batches = []
 
-    def nan_in_fourth_batch_of_epoch_two(self, x):
+    def nan_in_last_batch_of_epoch_two(self, x):
         out = real_forward(self, x)
         if self.training:
             batches.append(1)
             if len(batches) == 3 + 3:  # 80 images / 32 = 3 batches an epoch
                 out = out * float("nan")
         return out
-    monkeypatch.setattr(train.Net, "forward", nan_in_fourth_batch_of_epoch_two)
+    monkeypatch.setattr(train.Net, "forward", nan_in_last_batch_of_epoch_two)
     with pytest.raises(SystemExit) as stop:
         train.main(run_args("--norm", "bn", "--epochs", "3"))
     assert stop.value.code == 1
@@ -318,7 +319,4 @@ def test_resume_after_sigkill_ends_bit_identical(run_args, tmp_path):
     process.wait(timeout=30)
 
     train.main(run_args(*args, "--resume", out="killed"))
-    assert read_metrics(tmp_path / "killed/gn/metrics.json") == read_metrics(tmp_path / "whole/gn/metrics.json")
-    whole = torch.load(tmp_path / "whole/gn/model.pt")
-    killed = torch.load(tmp_path / "killed/gn/model.pt")
-    assert all(torch.equal(whole[k], killed[k]) for k in whole)
+    assert_same_run(tmp_path / "killed/gn", tmp_path / "whole/gn")
