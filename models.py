@@ -6,7 +6,8 @@ Topology: C1 C2 c3 P1 | C3 C4 C5 c6 P2 | C7 C8 C9 GAP C10
   P  = 2x2 max-pool, GAP = global average pool, C10 = 1x1 conv to the 10 logits
 Skip connections: C3's output is added to C5's, C7's output to C9's.
 The widths spend the parameter budget late, where the feature maps are small
-and each parameter costs little compute: 16/24 at 32x32, 24 at 16x16, 36 at 8x8.
+and each parameter costs little compute: 16 at 32x32, 24 at 16x16, 36 at 8x8.
+c6 keeps all 24 channels: squeezing them to 16 starved the last stage.
 """
 import torch.nn as nn
 
@@ -53,15 +54,15 @@ class Net(nn.Module):
             return ConvBlock(c_in, c_out, norm, dropout)
 
         self.conv1 = block(3, 16)
-        self.conv2 = block(16, 24)
-        self.trans3 = nn.Conv2d(24, 16, 1, bias=False)  # c3
+        self.conv2 = block(16, 16)
+        self.trans3 = nn.Conv2d(16, 16, 1, bias=False)  # c3
         self.pool1 = nn.MaxPool2d(2)
         self.conv3 = block(16, 24)
         self.conv4 = block(24, 24)
         self.conv5 = block(24, 24)
-        self.trans6 = nn.Conv2d(24, 16, 1, bias=False)  # c6
+        self.trans6 = nn.Conv2d(24, 24, 1, bias=False)  # c6
         self.pool2 = nn.MaxPool2d(2)
-        self.conv7 = block(16, 36)
+        self.conv7 = block(24, 36)
         self.conv8 = block(36, 36)
         self.conv9 = block(36, 36)
         self.gap = nn.AdaptiveAvgPool2d(1)

@@ -25,7 +25,7 @@ from utils import UserError
 # The default recipe
 # ----------------------------------------------------------------------------
 EPOCHS = 20
-BATCH_SIZE = 256
+BATCH_SIZE = 128
 LR = 0.2                # peak of the one-cycle schedule
 MOMENTUM = 0.9          # Nesterov
 WEIGHT_DECAY = 5e-4

@@ -1,0 +1,90 @@
+"""Tables over finished train.py runs: several seeds of one recipe, or an ablation.
+
+    python summarize.py results results/seed1 results/seed2 > results/seeds.md
+    python summarize.py --ablation results/ablation/*/metrics.json
+
+Seeds: each folder holds <norm>/metrics.json for the variants it ran; runs that
+differ in anything but the seed are refused, as their mean would mean nothing.
+Ablation: one row per metrics file, in the order given, each compared with the
+row above it whose recipe is closest, so every row names the one change it made.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import utils
+from models import NORMS
+
+# What may differ between the runs of one recipe.
+PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
+           "epoch_seconds", "threads", "device", "torch"}
+
+
+def recipe(metrics):
+    return {k: v for k, v in metrics.items() if k not in PER_RUN}
+
+
+def seeds(folders):
+    runs = {}
+    for norm in NORMS:
+        paths = [folder / norm / "metrics.json" for folder in folders]
+        metrics = [json.loads(path.read_text()) for path in paths if path.exists()]
+        if not metrics:
+            continue
+        different = [m["seed"] for m in metrics if recipe(m) != recipe(metrics[0])]
+        if different:
+            sys.exit(f"summarize.py: error: {norm} runs with seeds {different} use another "
+                     f"recipe than seed {metrics[0]['seed']}")
+        runs[norm] = metrics
+    if not runs:
+        sys.exit("summarize.py: error: no <norm>/metrics.json in the folders given")
+    return utils.seeds_table(runs)
+
+
+def changes(metrics, reference):
+    """The recipe entries (and seed) of `metrics` that differ from `reference`, as 'key old -> new'."""
+    a = {**recipe(reference), "seed": reference["seed"]}
+    b = {**recipe(metrics), "seed": metrics["seed"]}
+    return [f"{key} {a.get(key)} -> {b.get(key)}" for key in sorted(a.keys() | b.keys())
+            if a.get(key) != b.get(key)]
+
+
+def run_name(path):
+    """The folder that names a run: x for x/metrics.json, x/gn for train.py's x/gn/metrics.json."""
+    folder = Path(path).parent
+    return f"{folder.parent.name}/{folder.name}" if folder.name in NORMS else folder.name
+
+
+def ablation(paths):
+    missing = [str(path) for path in paths if not Path(path).is_file()]
+    if missing:
+        sys.exit(f"summarize.py: error: no such metrics file: {', '.join(missing)}")
+    rows = [json.loads(Path(path).read_text()) for path in paths]
+    lines = ["| run | change (vs the closest run above) | validation acc | gain "
+             "| train acc (final weights) |", "|---|---|---:|---:|---:|"]
+    for i, (path, metrics) in enumerate(zip(paths, rows)):
+        acc = 100 * metrics["test_acc"][-1]
+        change, gain = "baseline", ""
+        if i > 0:
+            # Nearest above among those with the fewest differences.
+            reference = min(reversed(rows[:i]), key=lambda r: len(changes(metrics, r)))
+            change = ", ".join(changes(metrics, reference)) or "none (a repeat)"
+            gain = f"{acc - 100 * reference['test_acc'][-1]:+.2f}"
+        lines.append(f"| {run_name(path)} | {change} | {acc:.2f}% | {gain} "
+                     f"| {100 * metrics['train_eval_acc']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path,
+                        help="output folders of train.py runs (metrics.json files with --ablation)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="one row per metrics file, each with the change it made")
+    args = parser.parse_args(argv)
+    print(ablation(args.paths) if args.ablation else seeds(args.paths), end="")
+
+
+if __name__ == "__main__":
+    main()

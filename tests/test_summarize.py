@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+import summarize
+
+
+def write_run(folder, norm, seed, test_acc, **recipe):
+    metrics = {"norm": norm, "params": 49_290, "seed": seed, "epochs": 20, "lr": 0.2,
+               "eval_split": "test", "test_acc": [0.5, test_acc], "train_eval_acc": test_acc + 0.03,
+               "epoch_seconds": [40.0 + seed, 41.0], **recipe}
+    (folder / norm).mkdir(parents=True)
+    (folder / norm / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_mean_and_range_over_seeds(tmp_path, capsys):
+    for seed, acc in enumerate([0.80, 0.83, 0.86]):
+        write_run(tmp_path / f"seed{seed}", "gn", seed, acc)
+    write_run(tmp_path / "seed0", "bn", 0, 0.90)
+    summarize.main([str(tmp_path / f"seed{seed}") for seed in range(3)])
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["| GN"] == "| GN | 49,290 | 0, 1, 2 | 83.00% | 80.00% / 86.00% | 86.00% |"
+    assert rows["| BN"] == "| BN | 49,290 | 0 | 90.00% | 90.00% / 90.00% | 93.00% |"
+    assert "| LN" not in rows
+
+
+def test_refuses_runs_of_different_recipes(tmp_path, capsys):
+    write_run(tmp_path / "a", "bn", 0, 0.80)
+    write_run(tmp_path / "b", "bn", 1, 0.82, lr=0.4)
+    with pytest.raises(SystemExit, match="bn runs with seeds \\[1\\] use another recipe"):
+        summarize.main([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_ablation_names_each_change_against_the_closest_run_above(tmp_path, capsys):
+    write_run(tmp_path / "base", "gn", 0, 0.77)
+    write_run(tmp_path / "wd", "gn", 0, 0.76, weight_decay=5e-5)
+    write_run(tmp_path / "bs128", "gn", 0, 0.79, batch_size=128)
+    write_run(tmp_path / "bs128-lr", "gn", 0, 0.80, batch_size=128, lr=0.4)
+    write_run(tmp_path / "seed1", "gn", 1, 0.775)
+    names = ["base", "wd", "bs128", "bs128-lr", "seed1"]
+    summarize.main(["--ablation", *(str(tmp_path / name / "gn" / "metrics.json") for name in names)])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows == ["| base/gn | baseline | 77.00% |  | 80.00% |",
+                    "| wd/gn | weight_decay None -> 5e-05 | 76.00% | -1.00 | 79.00% |",
+                    "| bs128/gn | batch_size None -> 128 | 79.00% | +2.00 | 82.00% |",
+                    "| bs128-lr/gn | lr 0.2 -> 0.4 | 80.00% | +1.00 | 83.00% |",
+                    "| seed1/gn | seed 0 -> 1 | 77.50% | +0.50 | 80.50% |"]
+
+
+def test_missing_metrics_file_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such metrics file: .*nope.json"):
+        summarize.main(["--ablation", str(tmp_path / "nope.json")])
