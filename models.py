@@ -2,7 +2,7 @@
 
 Topology: C1 C2 c3 P1 | C3 C4 C5 c6 P2 | C7 C8 C9 GAP C10
   C  = 3x3 conv block (conv, norm, ReLU, optional dropout)
-  c  = 1x1 conv that reduces channels before a pool
+  c  = 1x1 conv that mixes the channels before a pool
   P  = 2x2 max-pool, GAP = global average pool, C10 = 1x1 conv to the 10 logits
 Skip connections: C3's output is added to C5's, C7's output to C9's.
 The widths spend the parameter budget late, where the feature maps are small

@@ -6,7 +6,7 @@
 Seeds: each folder holds <norm>/metrics.json for the variants it ran; runs that
 differ in anything but the seed are refused, as their mean would mean nothing.
 Ablation: one row per metrics file, in the order given, each compared with the
-row above it whose recipe is closest, so every row names the one change it made.
+first row above it whose recipe is closest, so every row names the change it made.
 """
 import argparse
 import json
@@ -67,8 +67,8 @@ def ablation(paths):
         acc = 100 * metrics["test_acc"][-1]
         change, gain = "baseline", ""
         if i > 0:
-            # Nearest above among those with the fewest differences.
-            reference = min(reversed(rows[:i]), key=lambda r: len(changes(metrics, r)))
+            # The first run above with the fewest differences: list the main line first.
+            reference = min(rows[:i], key=lambda r: len(changes(metrics, r)))
             change = ", ".join(changes(metrics, reference)) or "none (a repeat)"
             gain = f"{acc - 100 * reference['test_acc'][-1]:+.2f}"
         lines.append(f"| {run_name(path)} | {change} | {acc:.2f}% | {gain} "

@@ -26,7 +26,7 @@ from utils import UserError
 # ----------------------------------------------------------------------------
 EPOCHS = 20
 BATCH_SIZE = 128
-LR = 0.2                # peak of the one-cycle schedule
+LR = 0.1                # peak of the one-cycle schedule
 MOMENTUM = 0.9          # Nesterov
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1

@@ -31,7 +31,7 @@ def test_refuses_runs_of_different_recipes(tmp_path, capsys):
         summarize.main([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
-def test_ablation_names_each_change_against_the_closest_run_above(tmp_path, capsys):
+def test_ablation_names_each_change_against_the_first_closest_run_above(tmp_path, capsys):
     write_run(tmp_path / "base", "gn", 0, 0.77)
     write_run(tmp_path / "wd", "gn", 0, 0.76, weight_decay=5e-5)
     write_run(tmp_path / "bs128", "gn", 0, 0.79, batch_size=128)
