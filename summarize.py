@@ -61,7 +61,8 @@ def ablation(paths):
     if missing:
         sys.exit(f"summarize.py: error: no such metrics file: {', '.join(missing)}")
     rows = [json.loads(Path(path).read_text()) for path in paths]
-    lines = ["| run | change (vs the closest run above) | validation acc | gain "
+    split = rows[0]["eval_split"]
+    lines = [f"| run | change (vs the closest run above) | {split} acc | gain "
              "| train acc (final weights) |", "|---|---|---:|---:|---:|"]
     for i, (path, metrics) in enumerate(zip(paths, rows)):
         acc = 100 * metrics["test_acc"][-1]
