@@ -448,25 +448,3 @@ def results_table(all_metrics):
                      f"| {100 * m['train_eval_acc']:.2f}% | {100 * m['test_acc'][-1]:.2f}% "
                      f"| {seconds:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def seeds_table(runs):
-    """A markdown table over several seeds of the same recipe.
-
-    `runs` maps each variant's name to its list of metrics, one per seed.
-    Final test (or validation) accuracy as mean and range; train accuracy of
-    the final weights on the un-augmented training images, as mean.
-    """
-    any_run = next(iter(runs.values()))[0]
-    split = any_run["eval_split"]
-    lines = [f"| model | params | seeds | {split} acc, mean | {split} acc, min / max "
-             f"| train acc (final weights), mean |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for norm, metrics in runs.items():
-        final = [100 * m["test_acc"][-1] for m in metrics]
-        train = [100 * m["train_eval_acc"] for m in metrics]
-        seeds = ", ".join(str(m["seed"]) for m in metrics)
-        lines.append(f"| {norm.upper()} | {metrics[0]['params']:,} | {seeds} "
-                     f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
-                     f"| {sum(train) / len(train):.2f}% |")
-    return "\n".join(lines) + "\n"
