@@ -56,8 +56,8 @@ def seeds_table(runs):
     for norm, metrics in runs.items():
         final = [100 * m["test_acc"][-1] for m in metrics]
         train = [100 * m["train_eval_acc"] for m in metrics]
-        seeds = ", ".join(str(m["seed"]) for m in metrics)
-        lines.append(f"| {norm.upper()} | {metrics[0]['params']:,} | {seeds} "
+        seed_list = ", ".join(str(m["seed"]) for m in metrics)
+        lines.append(f"| {norm.upper()} | {metrics[0]['params']:,} | {seed_list} "
                      f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
                      f"| {sum(train) / len(train):.2f}% |")
     return "\n".join(lines) + "\n"
