@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import utils  # noqa: E402
-from models import NORMS, Net  # noqa: E402
+from models import BLOCKS, NORMS, Net  # noqa: E402
+from train import BATCH_SIZE, BLOCKS_DEFAULT  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 
@@ -87,7 +88,7 @@ def bench_norm(norm, data, args, device):
 
     def make_model(memory_format):
         torch.manual_seed(0)
-        model = Net(norm).to(device, memory_format=memory_format)
+        model = Net(norm, args.blocks).to(device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         return (torch.compile(model) if args.compile else model), optimizer
 
@@ -136,7 +137,10 @@ def main():
     parser.add_argument("--norm", choices=[*NORMS, "all"], default="all")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="default: %(default)s, as train.py")
+    parser.add_argument("--blocks", choices=BLOCKS, default=BLOCKS_DEFAULT,
+                        help="default: %(default)s, as train.py")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--data-dir", default="data")
@@ -162,7 +166,8 @@ def main():
     startup = time.perf_counter() - START
 
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch size {args.batch_size}, best of {args.rounds} rounds of {args.batches} batches, "
+          f"{args.blocks} blocks, batch size {args.batch_size}, "
+          f"best of {args.rounds} rounds of {args.batches} batches, "
           f"compile={args.compile}")
     print(f"data: {data['source']}; start-up to data ready: {startup:.2f}s\n")
     print("| norm | pipeline | images/s | s/epoch (50k) | time vs project |")

@@ -5,13 +5,24 @@ Topology: C1 C2 c3 P1 | C3 C4 C5 c6 P2 | C7 C8 C9 GAP C10
   c  = 1x1 conv that mixes the channels before a pool
   P  = 2x2 max-pool, GAP = global average pool, C10 = 1x1 conv to the 10 logits
 Skip connections: C3's output is added to C5's, C7's output to C9's.
-The widths spend the parameter budget late, where the feature maps are small
-and each parameter costs little compute: 16 at 32x32, 24 at 16x16, 36 at 8x8.
-c6 keeps all 24 channels: squeezing them to 16 starved the last stage.
+
+Two kinds of 3x3 block for C3-C9 (C1 and C2 are always plain):
+- "plain": a full 3x3 conv. The widths spend the parameter budget late, where the
+  feature maps are small and each parameter costs little compute: 16 at 32x32,
+  24 at 16x16, 36 at 8x8. c6 keeps all 24 channels: squeezing them to 16 starved
+  the last stage.
+- "separable": the 3x3 conv split into a depthwise 3x3 conv (one filter per
+  channel) and a 1x1 pointwise conv, as in MobileNet. At C channels it costs
+  9C + C*C parameters instead of 9*C*C, so the same budget buys 2.5x the width:
+  64 at 16x16, 96 at 8x8.
 """
 import torch.nn as nn
 
 NORMS = ("bn", "ln", "gn")
+BLOCKS = ("plain", "separable")
+
+# Channels out of C1-C2, c3, C3-C5, c6 and C7-C9, for each kind of block.
+WIDTHS = {"plain": (16, 16, 24, 24, 36), "separable": (16, 32, 64, 64, 96)}
 
 # Every width is a multiple of 4, so GroupNorm can use 4 groups everywhere:
 # 4-9 channels per group keep the group statistics stable at these small widths.
@@ -33,40 +44,50 @@ def make_norm(norm, channels):
 
 
 class ConvBlock(nn.Sequential):
-    """3x3 conv (no bias: the norm's shift replaces it), norm, ReLU, dropout."""
+    """3x3 conv (no bias: the norm's shift replaces it), norm, ReLU, dropout.
 
-    def __init__(self, c_in, c_out, norm, dropout):
-        layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                  make_norm(norm, c_out), nn.ReLU(inplace=True)]
+    separable: a depthwise 3x3 conv then a 1x1 conv instead of one full 3x3 conv.
+    """
+
+    def __init__(self, c_in, c_out, norm, dropout, separable=False):
+        if separable:
+            convs = [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False),
+                     nn.Conv2d(c_in, c_out, 1, bias=False)]
+        else:
+            convs = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+        layers = [*convs, make_norm(norm, c_out), nn.ReLU(inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout2d(dropout))
         super().__init__(*layers)
 
 
 class Net(nn.Module):
-    def __init__(self, norm="bn", dropout=0.0):
+    def __init__(self, norm="bn", blocks="plain", dropout=0.0):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+        if blocks not in BLOCKS:
+            raise ValueError(f"unknown blocks {blocks!r}; choose one of {', '.join(BLOCKS)}")
         self.norm = norm
+        w12, w_c3, w345, w_c6, w789 = WIDTHS[blocks]
 
-        def block(c_in, c_out):
-            return ConvBlock(c_in, c_out, norm, dropout)
+        def block(c_in, c_out, separable=blocks == "separable"):
+            return ConvBlock(c_in, c_out, norm, dropout, separable)
 
-        self.conv1 = block(3, 16)
-        self.conv2 = block(16, 16)
-        self.trans3 = nn.Conv2d(16, 16, 1, bias=False)  # c3
+        self.conv1 = block(3, w12, separable=False)
+        self.conv2 = block(w12, w12, separable=False)
+        self.trans3 = nn.Conv2d(w12, w_c3, 1, bias=False)  # c3
         self.pool1 = nn.MaxPool2d(2)
-        self.conv3 = block(16, 24)
-        self.conv4 = block(24, 24)
-        self.conv5 = block(24, 24)
-        self.trans6 = nn.Conv2d(24, 24, 1, bias=False)  # c6
+        self.conv3 = block(w_c3, w345)
+        self.conv4 = block(w345, w345)
+        self.conv5 = block(w345, w345)
+        self.trans6 = nn.Conv2d(w345, w_c6, 1, bias=False)  # c6
         self.pool2 = nn.MaxPool2d(2)
-        self.conv7 = block(24, 36)
-        self.conv8 = block(36, 36)
-        self.conv9 = block(36, 36)
+        self.conv7 = block(w_c6, w789)
+        self.conv8 = block(w789, w789)
+        self.conv9 = block(w789, w789)
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.conv10 = nn.Conv2d(36, 10, 1)
+        self.conv10 = nn.Conv2d(w789, 10, 1)
 
     def forward(self, x):
         x = self.pool1(self.trans3(self.conv2(self.conv1(x))))

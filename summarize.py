@@ -20,8 +20,12 @@ PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_ev
            "epoch_seconds", "threads", "device", "torch"}
 
 
+# Runs made before train.py had --blocks used plain blocks.
+RECORDED_LATER = {"blocks": "plain"}
+
+
 def recipe(metrics):
-    return {k: v for k, v in metrics.items() if k not in PER_RUN}
+    return {**RECORDED_LATER, **{k: v for k, v in metrics.items() if k not in PER_RUN}}
 
 
 def seeds(folders):

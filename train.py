@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 import utils
-from models import NORMS, Net, count_parameters
+from models import BLOCKS, NORMS, Net, count_parameters
 from utils import UserError
 
 # ----------------------------------------------------------------------------
 # The default recipe
 # ----------------------------------------------------------------------------
+BLOCKS_DEFAULT = "plain"  # 3x3 blocks of C3-C9, see models.py
 EPOCHS = 20
 BATCH_SIZE = 128
 LR = 0.1                # peak of the one-cycle schedule
@@ -34,7 +35,7 @@ TRANSLATE = 4           # pixels of random shift each way
 CUTOUT = 0              # side of the cutout square; 0 = off
 
 # The options a checkpoint must share with the run that resumes it.
-RUN_OPTIONS = ("norm", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+RUN_OPTIONS = ("norm", "blocks", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                "label_smoothing", "translate", "cutout", "seed", "val_split")
 
 
@@ -88,6 +89,9 @@ def parse_args(argv=None):
                                 "LayerNorm (ln) or GroupNorm (gn) and report how it did.")
     parser.add_argument("--norm", choices=[*NORMS, "all"], default="all",
                         help="normalization variant to train (default: all three in turn)")
+    parser.add_argument("--blocks", choices=BLOCKS, default=BLOCKS_DEFAULT,
+                        help="full 3x3 convs in C3-C9, or depthwise-separable ones (2.5x the "
+                             "width for the same parameters; default: %(default)s)")
     parser.add_argument("--epochs", type=positive_int, default=EPOCHS, help="default: %(default)s")
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="default: %(default)s")
     parser.add_argument("--lr", type=positive_float, default=LR,
@@ -197,7 +201,7 @@ def run_variant(norm, args, data, device):
         args.resume and files["checkpoint"].exists()) else None
 
     utils.seed_everything(args.seed)
-    model = Net(norm).to(device, memory_format=torch.channels_last)
+    model = Net(norm, args.blocks).to(device, memory_format=torch.channels_last)
     params = count_parameters(model)
     print(f"\n=== {norm.upper()}: {params:,} trainable parameters ===")
     if checkpoint is None:
@@ -273,10 +277,11 @@ def redraw_variant(norm, args, data, device):
     files = output_files(norm, args)
     if not files["metrics"].exists():
         return
-    model = Net(norm).to(device, memory_format=torch.channels_last)
+    metrics = json.loads(files["metrics"].read_text())
+    # The run's own blocks, whatever --blocks says now; runs made before the option: plain.
+    model = Net(norm, metrics.get("blocks", "plain")).to(device, memory_format=torch.channels_last)
     model.load_state_dict(torch.load(files["model"], map_location=device))
-    draw_figures(model, json.loads(files["metrics"].read_text()), files,
-                 *(t.to(device) for t in data["test"]), args)
+    draw_figures(model, metrics, files, *(t.to(device) for t in data["test"]), args)
 
 
 def write_report(args):

@@ -2,22 +2,36 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import GN_GROUPS, NORMS, Net, count_parameters
+from models import BLOCKS, GN_GROUPS, NORMS, Net, count_parameters
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_under_parameter_budget(norm):
-    assert 40_000 < count_parameters(Net(norm)) < 50_000
+def test_under_parameter_budget(norm, blocks):
+    assert 40_000 < count_parameters(Net(norm, blocks)) < 50_000
 
 
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("norm", NORMS)
-def test_outputs_ten_logits_per_image(norm):
-    assert Net(norm)(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+def test_outputs_ten_logits_per_image(norm, blocks):
+    assert Net(norm, blocks)(torch.randn(4, 3, 32, 32)).shape == (4, 10)
 
 
+def test_separable_blocks_split_c3_to_c9_into_depthwise_and_pointwise_convs():
+    model = Net("bn", "separable")
+    for name in ("conv1", "conv2"):
+        (conv,) = [m for m in getattr(model, name).modules() if isinstance(m, nn.Conv2d)]
+        assert conv.kernel_size == (3, 3) and conv.groups == 1
+    for name in ("conv3", "conv4", "conv5", "conv7", "conv8", "conv9"):
+        depthwise, pointwise = [m for m in getattr(model, name).modules() if isinstance(m, nn.Conv2d)]
+        assert depthwise.kernel_size == (3, 3) and depthwise.groups == depthwise.in_channels
+        assert pointwise.kernel_size == (1, 1) and pointwise.groups == 1
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("norm, groups", [("ln", 1), ("gn", GN_GROUPS)])
-def test_layer_and_group_norm_use_groupnorm_and_no_batchnorm(norm, groups):
-    modules = list(Net(norm).modules())
+def test_layer_and_group_norm_use_groupnorm_and_no_batchnorm(norm, groups, blocks):
+    modules = list(Net(norm, blocks).modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
     group_norms = [m for m in modules if isinstance(m, nn.GroupNorm)]
     assert len(group_norms) == 8  # one per 3x3 conv block
@@ -35,11 +49,17 @@ def test_unknown_norm_names_the_choices():
         Net("xyz")
 
 
+def test_unknown_blocks_name_the_choices():
+    with pytest.raises(ValueError, match="plain, separable"):
+        Net("bn", "xyz")
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("source, branch, target", [("conv3", "conv5", "trans6"),
                                                     ("conv7", "conv9", "gap")])
-def test_skip_connection_adds_source_to_branch(norm, source, branch, target):
-    model = Net(norm).eval()
+def test_skip_connection_adds_source_to_branch(norm, blocks, source, branch, target):
+    model = Net(norm, blocks).eval()
     seen = {}
     for name in (source, branch):
         getattr(model, name).register_forward_hook(

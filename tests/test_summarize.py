@@ -31,6 +31,16 @@ def test_refuses_runs_of_different_recipes(tmp_path, capsys):
         summarize.main([str(tmp_path / "a"), str(tmp_path / "b")])
 
 
+def test_runs_from_before_the_blocks_option_count_as_plain(tmp_path, capsys):
+    write_run(tmp_path / "old", "gn", 0, 0.80)
+    write_run(tmp_path / "plain", "gn", 1, 0.82, blocks="plain")
+    write_run(tmp_path / "separable", "gn", 2, 0.84, blocks="separable")
+    summarize.main([str(tmp_path / "old"), str(tmp_path / "plain")])
+    assert "| GN | 49,290 | 0, 1 | 81.00% |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="use another recipe"):
+        summarize.main([str(tmp_path / "old"), str(tmp_path / "separable")])
+
+
 def test_ablation_names_each_change_against_the_first_closest_run_above(tmp_path, capsys):
     write_run(tmp_path / "base", "gn", 0, 0.77)
     write_run(tmp_path / "wd", "gn", 0, 0.76, weight_decay=5e-5)

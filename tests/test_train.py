@@ -272,12 +272,12 @@ def test_val_split_holds_out_the_same_images_whatever_the_seed(image_folder, tmp
 
 
 def test_plots_only_redraws_figures_without_training(run_args, tmp_path, capsys):
-    train.main(run_args("--norm", "gn"))
+    train.main(run_args("--norm", "gn", "--blocks", "separable"))
     metrics_before = (tmp_path / "out/gn/metrics.json").read_text()
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         (tmp_path / "out/images" / name).unlink()
     capsys.readouterr()
-    train.main(run_args("--norm", "gn", "--plots-only"))
+    train.main(run_args("--norm", "gn", "--plots-only"))  # the run's blocks, not the default
     assert "gn epoch" not in capsys.readouterr().out
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         assert (tmp_path / "out/images" / name).stat().st_size > 0
