@@ -24,8 +24,8 @@ BLOCKS = ("plain", "separable")
 # Channels out of C1-C2, c3, C3-C5, c6 and C7-C9, for each kind of block.
 WIDTHS = {"plain": (16, 16, 24, 24, 36), "separable": (16, 32, 64, 64, 96)}
 
-# Every width is a multiple of 4, so GroupNorm can use 4 groups everywhere:
-# 4-9 channels per group keep the group statistics stable at these small widths.
+# Every width of both kinds is a multiple of 4, so GroupNorm can use 4 groups
+# everywhere: groups of 4-24 channels keep the group statistics stable at these widths.
 GN_GROUPS = 4
 
 
