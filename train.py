@@ -24,7 +24,7 @@ from utils import UserError
 # ----------------------------------------------------------------------------
 # The default recipe
 # ----------------------------------------------------------------------------
-BLOCKS_DEFAULT = "plain"  # 3x3 blocks of C3-C9, see models.py
+BLOCKS_DEFAULT = "separable"  # 3x3 blocks of C3-C9, see models.py
 EPOCHS = 20
 BATCH_SIZE = 128
 LR = 0.1                # peak of the one-cycle schedule

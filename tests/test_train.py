@@ -272,7 +272,7 @@ def test_val_split_holds_out_the_same_images_whatever_the_seed(image_folder, tmp
 
 
 def test_plots_only_redraws_figures_without_training(run_args, tmp_path, capsys):
-    train.main(run_args("--norm", "gn", "--blocks", "separable"))
+    train.main(run_args("--norm", "gn", "--blocks", "plain"))
     metrics_before = (tmp_path / "out/gn/metrics.json").read_text()
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         (tmp_path / "out/images" / name).unlink()
