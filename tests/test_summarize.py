@@ -57,6 +57,17 @@ def test_ablation_names_each_change_against_the_first_closest_run_above(tmp_path
                     "| seed1/gn | seed 0 -> 1 | 77.50% | +0.50 | 80.50% |"]
 
 
+def test_ablation_reads_a_patch_option_missing_from_older_runs_as_its_default(tmp_path, capsys):
+    write_run(tmp_path / "old", "bn", 0, 0.836)
+    write_run(tmp_path / "default", "bn", 0, 0.836, ema=0.0, wd_all=1)
+    write_run(tmp_path / "ema", "bn", 0, 0.79, ema=0.999)
+    names = ["old", "default", "ema"]
+    summarize.main(["--ablation", *(str(tmp_path / name / "bn" / "metrics.json") for name in names)])
+    rows = capsys.readouterr().out.splitlines()[3:]
+    assert rows == ["| default/bn | none (a repeat) | 83.60% | +0.00 | 86.60% |",
+                    "| ema/bn | ema 0.0 -> 0.999 | 79.00% | -4.60 | 82.00% |"]
+
+
 def test_missing_metrics_file_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no such metrics file: .*nope.json"):
         summarize.main(["--ablation", str(tmp_path / "nope.json")])
