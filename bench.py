@@ -71,11 +71,15 @@ def endless(loader):
 
 def timed(run, batches, batch_size, device, warmup=3):
     """Images per second of `run(n)`, which trains on n batches."""
+    def finish():  # GPU work is queued: wait for it before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     run(warmup)
+    finish()
     start = time.perf_counter()
     run(batches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    finish()
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -154,6 +158,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
 
     if args.synthetic:
         generator = torch.Generator().manual_seed(0)

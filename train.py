@@ -332,7 +332,8 @@ def main(argv=None):
         for norm in NORMS if args.norm == "all" else [args.norm]:
             (redraw_variant if args.plots_only else run_variant)(norm, args, data, args.device)
         write_report(args)
-        print(f"done in {(time.perf_counter() - start) / 60:.1f} min")
+        seconds = time.perf_counter() - start
+        print(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

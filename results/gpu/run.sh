@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU figures of the README, in one go on a CUDA machine:
+#   1. the full default run (3 variants x 20 epochs), eager, float32;
+#   2. bench.py, the three pipelines side by side;
+#   3. the full default run again with --amp --compile.
+# Each step gets what is left of BUDGET seconds (default 540), so a slow step
+# cannot take the others' time. Logs are written to OUT_DIR as they come;
+# each run's folder is packed into OUT_DIR/<name>.tar.gz when it ends.
+#
+#   usage: results/gpu/run.sh DATA_DIR OUT_DIR
+set -u
+data=$1 out=$2
+deadline=$((SECONDS + ${BUDGET:-540}))
+export PYTHONUNBUFFERED=1
+mkdir -p "$out" /tmp/gpu-runs
+
+left() { echo $((deadline - SECONDS)); }
+
+full_run() {  # full_run NAME [train.py options]
+    local name=$1; shift
+    timeout "$(left)" python3 train.py --device cuda --data-dir "$data" \
+        --out-dir "/tmp/gpu-runs/$name" "$@" 2>&1 | tee "$out/train-$name.log"
+    tar czf "$out/$name.tar.gz" --exclude=checkpoint.pt -C /tmp/gpu-runs "$name"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nproc; } 2>&1 | tee "$out/machine.txt"
+
+full_run eager
+timeout "$(left)" python3 bench.py --device cuda --data-dir "$data" --batches 100 \
+    --workers 0 4 8 2>&1 | tee "$out/bench-cuda.txt"
+full_run amp-compile --amp --compile
+echo "seconds left of the budget: $(left)"
