@@ -120,7 +120,8 @@ def parse_args(argv=None):
                         help="where the figures go (default: OUT_DIR/images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 mixed precision (for GPUs; no faster for this small net on an H200)")
+    parser.add_argument("--amp", action="store_true",
+                        help="bfloat16 mixed precision (for GPUs; no faster for this small net on an H200)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--resume", action="store_true",
                         help="continue each variant from its checkpoint in OUT_DIR, where there is one")
