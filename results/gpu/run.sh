@@ -14,7 +14,7 @@ deadline=$((SECONDS + ${BUDGET:-540}))
 export PYTHONUNBUFFERED=1
 mkdir -p "$out" /tmp/gpu-runs
 
-left() { echo $((deadline - SECONDS)); }
+left() { echo $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)); }  # timeout 0 would mean none
 
 full_run() {  # full_run NAME [train.py options]
     local name=$1; shift
