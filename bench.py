@@ -56,8 +56,9 @@ def conventional_loader(images, labels, batch_size, workers):
                                        persistent_workers=workers > 0)
 
 
-def step(model, optimizer, x, y):
-    loss = F.cross_entropy(model(x), y)
+def step(model, optimizer, x, y, amp):
+    with utils.autocast(x.device, amp):
+        loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -83,7 +84,7 @@ def timed(run, batches, batch_size, device, warmup=3):
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def bench_norm(norm, data, args, device):
+def bench_norm(norm, data, args, device, amp):
     """{pipeline: images/second}, the best of args.rounds interleaved rounds."""
     images, labels = data["train"]
     device_images, device_labels = images.to(device), labels.to(device)
@@ -102,13 +103,13 @@ def bench_norm(norm, data, args, device):
 
     def project(n):
         utils.train(model, device_images[:n * bs], device_labels[:n * bs], optimizer,
-                    constant_lr, bs, generator, augmentation={"translate": 4})
+                    constant_lr, bs, generator, augmentation={"translate": 4}, amp=amp)
 
     def limit(model, optimizer, x):
         def run(n):
             model.train()
             for _ in range(n):
-                step(model, optimizer, x, y)
+                step(model, optimizer, x, y, amp)
         return run
 
     def conventional(batches):
@@ -117,7 +118,7 @@ def bench_norm(norm, data, args, device):
             for _ in range(n):
                 xb, yb = next(batches)
                 step(model, optimizer, xb.to(device).contiguous(memory_format=torch.channels_last),
-                     yb.to(device))
+                     yb.to(device), amp)
         return run
 
     pipelines = {"project": project, "limit": limit(model, optimizer, x),
@@ -154,6 +155,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 mixed precision (default: as train.py, on for BN "
+                             "and LN on CPUs with AMX matrix units)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,13 +183,15 @@ def main():
     print("| norm | pipeline | images/s | s/epoch (50k) | time vs project |")
     print("|---|---|---:|---:|---:|")
     for norm in NORMS if args.norm == "all" else [args.norm]:
-        rows = bench_norm(norm, data, args, device)
+        amp = utils.use_amp(args.amp, device, norm)
+        rows = bench_norm(norm, data, args, device, amp)
         for name, speed in rows.items():
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
                   f"| {rows['project'] / speed:.2f} |", flush=True)
         best = max((k for k in rows if k.startswith("dataloader")), key=rows.get)
         print(f"| {norm} | time project/limit **{rows['limit'] / rows['project']:.2f}**, "
-              f"{best}/project **{rows['project'] / rows[best]:.2f}** | | | |", flush=True)
+              f"{best}/project **{rows['project'] / rows[best]:.2f}**, "
+              f"{'bfloat16' if amp else 'float32'} | | | |", flush=True)
 
 
 if __name__ == "__main__":

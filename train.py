@@ -36,7 +36,7 @@ CUTOUT = 0              # side of the cutout square; 0 = off
 
 # The options a checkpoint must share with the run that resumes it.
 RUN_OPTIONS = ("norm", "blocks", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "label_smoothing", "translate", "cutout", "seed", "val_split")
+               "label_smoothing", "translate", "cutout", "seed", "val_split", "amp")
 
 
 # ----------------------------------------------------------------------------
@@ -120,8 +120,10 @@ def parse_args(argv=None):
                         help="where the figures go (default: OUT_DIR/images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--amp", action="store_true",
-                        help="bfloat16 mixed precision (for GPUs; no faster for this small net on an H200)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="bfloat16 mixed precision (default: on for BN and LN on CPUs with "
+                             "AMX matrix units, where it is faster; off for GN and elsewhere, "
+                             "e.g. on GPUs, where it is not)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--resume", action="store_true",
                         help="continue each variant from its checkpoint in OUT_DIR, where there is one")
@@ -170,7 +172,9 @@ def check_not_clobbering(files, args):
 
 
 def run_options(norm, args):
-    return {key: getattr(args, key) for key in RUN_OPTIONS} | {"norm": norm}
+    """The options of one variant's run, --amp's default resolved for the variant."""
+    return {key: getattr(args, key) for key in RUN_OPTIONS} | {
+        "norm": norm, "amp": utils.use_amp(args.amp, args.device, norm)}
 
 
 def restore(checkpoint, norm, args, model, optimizer, scheduler, generator, path):
@@ -219,6 +223,7 @@ def run_variant(norm, args, data, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
+    amp = run_options(norm, args)["amp"]
     metrics = {**run_options(norm, args), "params": params, "device": str(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "data_source": data["source"], "eval_split": data["eval_split"],
@@ -236,7 +241,7 @@ def run_variant(norm, args, data, device):
         try:
             train_loss, train_acc = utils.train(
                 step_model, train_images, train_labels, optimizer, scheduler, args.batch_size,
-                generator, label_smoothing=args.label_smoothing, amp=args.amp,
+                generator, label_smoothing=args.label_smoothing, amp=amp,
                 augmentation={"translate": args.translate, "cutout": args.cutout},
                 desc=f"{norm} epoch {epoch}")
         except utils.NonFiniteLoss as error:
@@ -244,7 +249,7 @@ def run_variant(norm, args, data, device):
                 f"{norm}: the loss became NaN or infinite in epoch {epoch}, {error}. "
                 f"The last good checkpoint ({files['checkpoint']}) is kept; "
                 "try a lower --lr") from None
-        test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=args.amp)
+        test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=amp)
         seconds = time.perf_counter() - start
         for key, value in [("train_loss", train_loss), ("train_acc", train_acc),
                            ("test_loss", test_loss), ("test_acc", test_acc),
@@ -259,15 +264,16 @@ def run_variant(norm, args, data, device):
                            "rng": utils.rng_states(generator), "metrics": metrics},
                           files["checkpoint"])
 
-    _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels, amp=args.amp)
+    _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels, amp=amp)
     utils.atomic_save(model.state_dict(), files["model"])
     files["metrics"].write_text(json.dumps(metrics, indent=1) + "\n")
-    draw_figures(step_model, metrics, files, test_images, test_labels, args)
+    draw_figures(step_model, metrics, files, test_images, test_labels)
 
 
-def draw_figures(model, metrics, files, test_images, test_labels, args):
+def draw_figures(model, metrics, files, test_images, test_labels):
     """The variant's curves and its grid of misclassified test images."""
-    _, _, predictions = utils.test(model, test_images, test_labels, amp=args.amp)
+    # The run's own precision; runs made before it was recorded: float32.
+    _, _, predictions = utils.test(model, test_images, test_labels, amp=metrics.get("amp", False))
     utils.plot_curves(metrics, files["curves"])
     utils.plot_misclassified(test_images, test_labels, predictions, files["misclassified"],
                              f"{metrics['norm'].upper()}: misclassified {metrics['eval_split']} images")
@@ -282,7 +288,7 @@ def redraw_variant(norm, args, data, device):
     # The run's own blocks, whatever --blocks says now; runs made before the option: plain.
     model = Net(norm, metrics.get("blocks", "plain")).to(device, memory_format=torch.channels_last)
     model.load_state_dict(torch.load(files["model"], map_location=device))
-    draw_figures(model, metrics, files, *(t.to(device) for t in data["test"]), args)
+    draw_figures(model, metrics, files, *(t.to(device) for t in data["test"]))
 
 
 def write_report(args):
