@@ -223,8 +223,8 @@ def run_variant(norm, args, data, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
-    amp = run_options(norm, args)["amp"]
-    metrics = {**run_options(norm, args), "params": params, "device": str(device),
+    run = run_options(norm, args)
+    metrics = {**run, "params": params, "device": str(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "data_source": data["source"], "eval_split": data["eval_split"],
                "train_size": len(train_labels),
@@ -241,7 +241,7 @@ def run_variant(norm, args, data, device):
         try:
             train_loss, train_acc = utils.train(
                 step_model, train_images, train_labels, optimizer, scheduler, args.batch_size,
-                generator, label_smoothing=args.label_smoothing, amp=amp,
+                generator, label_smoothing=args.label_smoothing, amp=run["amp"],
                 augmentation={"translate": args.translate, "cutout": args.cutout},
                 desc=f"{norm} epoch {epoch}")
         except utils.NonFiniteLoss as error:
@@ -249,7 +249,7 @@ def run_variant(norm, args, data, device):
                 f"{norm}: the loss became NaN or infinite in epoch {epoch}, {error}. "
                 f"The last good checkpoint ({files['checkpoint']}) is kept; "
                 "try a lower --lr") from None
-        test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=amp)
+        test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=run["amp"])
         seconds = time.perf_counter() - start
         for key, value in [("train_loss", train_loss), ("train_acc", train_acc),
                            ("test_loss", test_loss), ("test_acc", test_acc),
@@ -258,13 +258,14 @@ def run_variant(norm, args, data, device):
         print(f"{norm} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
               f"acc {100 * train_acc:5.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  "
               f"{seconds:5.1f}s", flush=True)
-        utils.atomic_save({"run": run_options(norm, args),
+        utils.atomic_save({"run": run,
                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(),
                            "rng": utils.rng_states(generator), "metrics": metrics},
                           files["checkpoint"])
 
-    _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels, amp=amp)
+    _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels,
+                                                 amp=run["amp"])
     utils.atomic_save(model.state_dict(), files["model"])
     files["metrics"].write_text(json.dumps(metrics, indent=1) + "\n")
     draw_figures(step_model, metrics, files, test_images, test_labels)
