@@ -177,13 +177,13 @@ def run_options(norm, args):
         "norm": norm, "amp": utils.use_amp(args.amp, args.device, norm)}
 
 
-def restore(checkpoint, norm, args, model, optimizer, scheduler, generator, path):
+def restore(checkpoint, run, model, optimizer, scheduler, generator, path):
     """Load a checkpoint into the run, or raise UserError before changing anything."""
     expected_keys = {"run", "model", "optimizer", "scheduler", "rng", "metrics"}
     if not isinstance(checkpoint, dict) or not expected_keys <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py; "
                         "pass --overwrite to start afresh")
-    run, saved_run = run_options(norm, args), checkpoint["run"]
+    saved_run = checkpoint["run"]
     if (different := [key for key in RUN_OPTIONS if saved_run.get(key) != run[key]]):
         raise UserError(f"{path} was made with other options "
                         + ", ".join(f"{key}={saved_run.get(key)!r}" for key in different)
@@ -231,7 +231,7 @@ def run_variant(norm, args, data, device):
                "test_size": len(test_labels), "train_loss": [], "train_acc": [],
                "test_loss": [], "test_acc": [], "epoch_seconds": []}
     if checkpoint is not None:
-        metrics = restore(checkpoint, norm, args, model, optimizer, scheduler, generator,
+        metrics = restore(checkpoint, run, model, optimizer, scheduler, generator,
                           files["checkpoint"])
         print(f"resuming from epoch {len(metrics['train_loss'])} of {args.epochs}")
     step_model = torch.compile(model) if args.compile else model
