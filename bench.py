@@ -101,9 +101,14 @@ def bench_norm(norm, data, args, device, amp):
     constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator(device=device).manual_seed(0)
 
+    steps = {}  # batch count -> TrainStep on that many batches, kept: a CUDA graph is captured once
+
     def project(n):
-        utils.train(model, device_images[:n * bs], device_labels[:n * bs], optimizer,
-                    constant_lr, bs, generator, augmentation={"translate": 4}, amp=amp)
+        if n not in steps:
+            steps[n] = utils.TrainStep(model, optimizer, device_images[:n * bs], device_labels[:n * bs],
+                                       generator, augmentation={"translate": 4}, amp=amp,
+                                       cuda_graph=args.cuda_graph)
+        utils.train(steps[n], constant_lr, bs)
 
     def limit(model, optimizer, x):
         def run(n):
@@ -155,6 +160,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="the project pipeline's steps as CUDA graphs, as train.py --cuda-graph")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bfloat16 mixed precision (default: as train.py, on for BN "
                              "and LN on CPUs with AMX matrix units)")
@@ -162,6 +169,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device (--device cuda)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
 
@@ -178,7 +187,7 @@ def main():
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.blocks} blocks, batch size {args.batch_size}, "
           f"best of {args.rounds} rounds of {args.batches} batches, "
-          f"compile={args.compile}")
+          f"compile={args.compile}, cuda_graph={args.cuda_graph}")
     print(f"data: {data['source']}; start-up to data ready: {startup:.2f}s\n")
     print("| norm | pipeline | images/s | s/epoch (50k) | time vs project |")
     print("|---|---|---:|---:|---:|")

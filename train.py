@@ -125,6 +125,9 @@ def parse_args(argv=None):
                              "AMX matrix units, where it is faster; off for GN and elsewhere, "
                              "e.g. on GPUs, where it is not)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on CUDA, capture each training step as a CUDA graph and replay it: "
+                             "one launch per step instead of hundreds")
     parser.add_argument("--resume", action="store_true",
                         help="continue each variant from its checkpoint in OUT_DIR, where there is one")
     parser.add_argument("--overwrite", action="store_true",
@@ -133,6 +136,8 @@ def parse_args(argv=None):
                         help="train nothing: redraw the figures and results table of the runs "
                              "finished in OUT_DIR")
     args = parser.parse_args(argv)
+    if args.cuda_graph and args.compile:
+        parser.error("--cuda-graph and --compile cannot be combined; pick one")
 
     try:
         args.device = torch.device(args.device)
@@ -140,6 +145,8 @@ def parse_args(argv=None):
         parser.error(f"--device: {args.device!r} is not a device; use cpu, cuda or cuda:N")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if args.cuda_graph and args.device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device (--device cuda)")
     if args.val_split < 0:
         parser.error(f"--val-split must be 0 or more, got {args.val_split}")
     if args.resume and args.overwrite:
@@ -226,6 +233,7 @@ def run_variant(norm, args, data, device):
     run = run_options(norm, args)
     metrics = {**run, "params": params, "device": str(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cuda_graph": args.cuda_graph,
                "data_source": data["source"], "eval_split": data["eval_split"],
                "train_size": len(train_labels),
                "test_size": len(test_labels), "train_loss": [], "train_acc": [],
@@ -235,15 +243,16 @@ def run_variant(norm, args, data, device):
                           files["checkpoint"])
         print(f"resuming from epoch {len(metrics['train_loss'])} of {args.epochs}")
     step_model = torch.compile(model) if args.compile else model
+    step = utils.TrainStep(step_model, optimizer, train_images, train_labels, generator,
+                           label_smoothing=args.label_smoothing, amp=run["amp"],
+                           augmentation={"translate": args.translate, "cutout": args.cutout},
+                           cuda_graph=args.cuda_graph)
 
     for epoch in range(len(metrics["train_loss"]) + 1, args.epochs + 1):
         start = time.perf_counter()
         try:
-            train_loss, train_acc = utils.train(
-                step_model, train_images, train_labels, optimizer, scheduler, args.batch_size,
-                generator, label_smoothing=args.label_smoothing, amp=run["amp"],
-                augmentation={"translate": args.translate, "cutout": args.cutout},
-                desc=f"{norm} epoch {epoch}")
+            train_loss, train_acc = utils.train(step, scheduler, args.batch_size,
+                                                desc=f"{norm} epoch {epoch}")
         except utils.NonFiniteLoss as error:
             raise utils.NonFiniteLoss(
                 f"{norm}: the loss became NaN or infinite in epoch {epoch}, {error}. "

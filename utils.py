@@ -3,11 +3,12 @@
 Nothing here knows about the command line: every function takes what it
 needs as arguments. train.py is the front end.
 """
+import collections
 import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -195,10 +196,17 @@ def normalize(images):
 
     channels_last makes the convolutions about 1.5x faster on the CPU (bench.py).
     """
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(images.device)
     x = (images.float() / 255 - mean) / std
     return x.contiguous(memory_format=torch.channels_last)
+
+
+@cache
+def _channel_stats(device):
+    """MEAN and STD as (1, 3, 1, 1) tensors on `device`, made once: a copy from
+    the host per batch would cost a transfer each, and a captured CUDA graph
+    cannot copy from the host at all."""
+    return tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (MEAN, STD))
 
 
 def augment(images, generator, translate=4, cutout=0):
@@ -227,8 +235,8 @@ def augment(images, generator, translate=4, cutout=0):
         offset = torch.arange(h, device=device) - centre + cutout // 2  # 2, n, h
         inside = (offset >= 0) & (offset < cutout)
         hole = (inside[0][:, :, None] & inside[1][:, None, :])[:, None]
-        mean_colour = (torch.tensor(MEAN, device=device) * 255).round().to(images.dtype)
-        images = torch.where(hole, mean_colour.view(1, 3, 1, 1), images)
+        mean_colour = (_channel_stats(device)[0] * 255).round().to(images.dtype)
+        images = torch.where(hole, mean_colour, images)
     return images
 
 
@@ -243,8 +251,12 @@ def _reflect(index, size):
 # ----------------------------------------------------------------------------
 
 def autocast(device, enabled):
-    """bfloat16 mixed precision when enabled: no loss scaling needed, unlike fp16."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bfloat16 mixed precision when enabled: no loss scaling needed, unlike fp16.
+
+    No cache of the weights' bfloat16 copies: CUDA graph capture does not allow
+    one, and each weight is used once per forward pass, so it saves nothing.
+    """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 def use_amp(requested, device, norm):
@@ -272,35 +284,97 @@ def one_cycle(optimizer, total_steps, warmup_fraction=0.25):
         optimizer, lambda step: float(np.interp(step, points, [0.0, 1.0, 0.0])))
 
 
-def train(model, images, labels, optimizer, scheduler, batch_size, generator,
-          label_smoothing=0.0, augmentation=None, amp=False, desc="train"):
-    """One epoch over (images, labels) in a random order.
+class TrainStep:
+    """One SGD step on the training images at the given indices: augment, forward,
+    backward, update. Returns (loss, number correct), tensors on the device.
 
-    images: uint8 on the training device. Returns (loss, accuracy) averaged
-    over the epoch's augmented batches. Raises NonFiniteLoss naming the first
-    batch whose loss was NaN or infinite.
+    cuda_graph: capture the step as a CUDA graph, one per batch length, and replay
+    it. An eager step of this small net is hundreds of tiny kernels that Python
+    launches one at a time, and the GPU waits for them (README, "On a GPU"); a
+    replay launches them all in one call. A replay repeats the captured kernels on
+    the same memory, so the batch's indices are copied into the graph's own index
+    tensor, and the learning rate lives on the device (see below).
     """
-    model.train()
-    n = len(labels)
-    order = torch.randperm(n, generator=generator, device=images.device)
-    total_loss = torch.zeros((), device=images.device)
-    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    WARMUP_STEPS = 3  # eager steps per batch length before capturing it
+
+    def __init__(self, model, optimizer, images, labels, generator, label_smoothing=0.0,
+                 augmentation=None, amp=False, cuda_graph=False):
+        self.model, self.optimizer = model, optimizer
+        self.images, self.labels, self.generator = images, labels, generator
+        self.label_smoothing, self.augmentation, self.amp = label_smoothing, augmentation or {}, amp
+        self.cuda_graph = cuda_graph
+        self.graphs = {}  # batch length -> (graph, its index tensor, its outputs)
+        self.eager_steps = collections.Counter()  # batch length -> steps run eagerly
+        for group in optimizer.param_groups:
+            # A graph would replay the learning rate it was captured with, were it a
+            # number. As a tensor on the device, the scheduler updates it in place
+            # and the fused SGD kernel reads it there. A checkpoint from either
+            # kind of run comes back in either form.
+            lr = float(group["lr"])
+            group.update(lr=torch.tensor(lr, device=images.device) if cuda_graph else lr,
+                         fused=cuda_graph or None)
+
+    def step(self, index):
+        x = normalize(augment(self.images[index], self.generator, **self.augmentation))
+        y = self.labels[index]
+        with autocast(self.images.device, self.amp):
+            output = self.model(x)
+            loss = F.cross_entropy(output, y, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (output.argmax(1) == y).sum()
+
+    def __call__(self, index):
+        if not self.cuda_graph:
+            return self.step(index)
+        if not all(isinstance(group["lr"], torch.Tensor) for group in self.optimizer.param_groups):
+            raise RuntimeError("the learning-rate scheduler replaced the lr tensor instead of "
+                               "updating it: this torch is too old for CUDA graphs here")
+        n = len(index)
+        if self.eager_steps[n] < self.WARMUP_STEPS:
+            # Capture needs a few eager steps first, on a side stream: cuDNN
+            # picks its algorithms, SGD makes its momentum buffers.
+            self.eager_steps[n] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(index)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        if n not in self.graphs:
+            graph_index = index.clone()
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)  # fresh augmentation each replay
+            with torch.cuda.graph(graph):
+                outputs = self.step(graph_index)
+            self.graphs[n] = graph, graph_index, outputs
+        graph, graph_index, outputs = self.graphs[n]
+        graph_index.copy_(index)
+        graph.replay()
+        return outputs
+
+
+def train(step, scheduler, batch_size, desc="train"):
+    """One epoch of `step` (a TrainStep) over its training images in a random order.
+
+    Returns (loss, accuracy) averaged over the epoch's augmented batches.
+    Raises NonFiniteLoss naming the first batch whose loss was NaN or infinite.
+    """
+    step.model.train()
+    n = len(step.labels)
+    device = step.labels.device
+    order = torch.randperm(n, generator=step.generator, device=device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     finite = []  # checked after the epoch: a check per batch would sync the GPU
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=None, leave=False):
         index = order[start:start + batch_size]
-        x = normalize(augment(images[index], generator, **(augmentation or {})))
-        y = labels[index]
-        with autocast(images.device, amp):
-            output = model(x)
-            loss = F.cross_entropy(output, y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, batch_correct = step(index)
         scheduler.step()
-        loss = loss.detach()
         finite.append(torch.isfinite(loss))
         total_loss += loss * len(index)
-        correct += (output.argmax(1) == y).sum()
+        correct += batch_correct
     bad_batches = (~torch.stack(finite)).nonzero()
     if len(bad_batches):
         raise NonFiniteLoss(f"batch {bad_batches[0].item() + 1} of {len(finite)}")

@@ -50,21 +50,97 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
     assert all(f"| {norm} |" in table for norm in ("BN", "LN", "GN"))
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_training_learns_an_easy_task(image_folder, tmp_path, amp):
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("amp, cuda_graph", [(False, False), (True, False),
+                                             pytest.param(False, True, marks=NEEDS_CUDA)])
+def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
     """Colour tells the class: a working loop (images aligned with labels) learns it,
-    in float32 and in bfloat16 mixed precision."""
+    in float32, in bfloat16 mixed precision and replaying CUDA graphs."""
+    device = torch.device("cuda" if cuda_graph else "cpu")
     data = utils.load_cifar10(image_folder, tmp_path / "cache")
-    images, labels = data["train"]
+    images, labels = (t.to(device) for t in data["train"])
     torch.manual_seed(0)
-    model = train.Net("bn").to(memory_format=torch.channels_last)
+    model = train.Net("bn").to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device).manual_seed(0)
+    step = utils.TrainStep(model, optimizer, images, labels, generator, amp=amp,
+                           cuda_graph=cuda_graph)
     for _ in range(40):  # bfloat16 learns it too, on a bumpier path: 0.6-0.9 at 10-30 epochs
-        utils.train(model, images, labels, optimizer, scheduler, 16, generator, amp=amp)
-    _, accuracy, _ = utils.test(model, *data["test"], amp=amp)
+        utils.train(step, scheduler, 16)
+    _, accuracy, _ = utils.test(model, *(t.to(device) for t in data["test"]), amp=amp)
     assert accuracy >= 0.8  # chance is 0.1: mixed-up labels could not get here
+
+
+def tiny_step(device="cpu", cuda_graph=False, lr=0.1):
+    """A TrainStep on 32 random images, its model and its optimizer."""
+    torch.manual_seed(0)
+    model = train.Net("bn").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (32,), device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    return utils.TrainStep(model, optimizer, images, labels, generator,
+                           cuda_graph=cuda_graph), model, optimizer
+
+
+def test_cuda_graph_step_keeps_the_learning_rate_where_the_scheduler_updates_it():
+    """A graph replays the values it was captured with: the learning rate must be a
+    tensor that the scheduler fills in place, and what the fused SGD kernel reads
+    from it must be the update plain SGD makes with the number."""
+    plain, plain_model, _ = tiny_step()
+    graphed, graphed_model, optimizer = tiny_step(cuda_graph=True)  # built on the CPU here
+    lr = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and optimizer.param_groups[0]["fused"]
+    scheduler = utils.one_cycle(optimizer, total_steps=8)  # up to 0.1 at step 2, then down
+    plain_scheduler = utils.one_cycle(plain.optimizer, total_steps=8)
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0
+    for _ in range(4):
+        index = torch.arange(16)
+        plain.step(index)  # the computation a graph captures, run eagerly
+        graphed.step(index)
+        scheduler.step()
+        plain_scheduler.step()
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.1 * 2 / 3)
+    for a, b in zip(plain_model.parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(next(graphed_model.parameters()), next(tiny_step()[1].parameters()))
+
+
+@pytest.mark.parametrize("from_graph", [False, True])
+def test_train_step_takes_a_checkpoint_of_either_kind_of_run(from_graph):
+    _, _, saved = tiny_step(cuda_graph=from_graph)
+    state = saved.state_dict()
+    for cuda_graph in (False, True):
+        step, _, optimizer = tiny_step()
+        optimizer.load_state_dict(state)
+        utils.TrainStep(step.model, optimizer, step.images, step.labels, step.generator,
+                        cuda_graph=cuda_graph)
+        group = optimizer.param_groups[0]
+        assert isinstance(group["lr"], torch.Tensor) == cuda_graph
+        assert float(group["lr"]) == pytest.approx(0.1)
+        assert group["fused"] == (cuda_graph or None)
+
+
+@NEEDS_CUDA
+def test_cuda_graph_replays_follow_the_learning_rate():
+    """After capture, steps only replay the graph: weights change while the
+    learning rate is up, and stay put once the scheduler sets it to 0."""
+    step, model, optimizer = tiny_step("cuda", cuda_graph=True)
+    captured = utils.TrainStep.WARMUP_STEPS + 1  # the first step that replays a graph
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: float(i < captured))
+    index = torch.arange(16, device="cuda")
+    weights = []
+    for _ in range(captured + 3):
+        step(index)
+        scheduler.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert len(step.graphs) == 1
+    assert not torch.equal(weights[captured - 2], weights[captured - 1])  # the captured step trained
+    assert all(torch.equal(w, weights[captured - 1]) for w in weights[captured:])
 
 
 def test_same_seed_gives_identical_results(run_args, tmp_path):
@@ -182,6 +258,14 @@ def one_line_error(capsys, argv):
 ])
 def test_bad_option_is_one_line_and_exit_code_2(run_args, capsys, option, value, message):
     assert message in one_line_error(capsys, [*run_args(), option, value])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--cuda-graph"], "--cuda-graph needs a CUDA device"),
+    (["--cuda-graph", "--compile"], "--cuda-graph and --compile cannot be combined"),
+])
+def test_cuda_graph_needs_cuda_and_no_compile(run_args, capsys, options, message):
+    assert message in one_line_error(capsys, [*run_args(), *options])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
