@@ -74,11 +74,11 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
     assert accuracy >= 0.8  # chance is 0.1: mixed-up labels could not get here
 
 
-def tiny_step(device="cpu", cuda_graph=False, lr=0.1):
+def tiny_step(device="cpu", cuda_graph=False):
     """A TrainStep on 32 random images, its model and its optimizer."""
     torch.manual_seed(0)
     model = train.Net("bn").to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (32,), device=device)
