@@ -7,6 +7,8 @@
 #   4. the full default run eager, the same machine's baseline.
 # Each step gets what is left of BUDGET seconds (default 540). Logs are written to
 # OUT_DIR as they come; each run's folder is packed into OUT_DIR/<name>.tar.gz.
+# Eight files in all (machine.txt, checks.txt, two logs, two archives, two benches):
+# the device tool brings back no more.
 #
 #   usage: results/gpu/cuda-graph.sh DATA_DIR OUT_DIR
 set -u
@@ -16,8 +18,8 @@ source "$(dirname "$0")/lib.sh"  # left, full_run; writes machine.txt
 
 python3 -c "import sys, time, utils; start = time.perf_counter()
 utils.load_cifar10(sys.argv[1], utils.default_cache_dir(), download=False)
-print(f'cache built in {time.perf_counter() - start:.1f} s')" "$data" 2>&1 | tee "$out/cache.txt"
-timeout "$(left)" python3 -m pytest -q -rs tests -k "cuda_graph or easy_task" 2>&1 | tail -n 15 | tee "$out/tests.txt"
+print(f'cache built in {time.perf_counter() - start:.1f} s')" "$data" 2>&1 | tee "$out/checks.txt"
+timeout "$(left)" python3 -m pytest -q -rs tests -k "cuda_graph or easy_task" 2>&1 | tail -n 15 | tee -a "$out/checks.txt"
 full_run graph --cuda-graph
 for flag in --cuda-graph ""; do
     timeout "$(left)" python3 bench.py --device cuda --data-dir "$data" --batches 100 \
