@@ -5,7 +5,8 @@
 For each norm it times the same SGD steps fed three ways:
   project       cached uint8 tensors, augmentation on whole batches on the device
   limit         forward + backward + step on one pre-made batch: no data work at all
-                (also with model and batch in contiguous layout instead of channels_last)
+                (also with model and batch in the other memory layout: NCHW on the CPU,
+                channels_last on CUDA; utils.memory_format says which one trains)
   dataloader-N  torchvision-style: a PIL image per sample, RandomCrop(32, padding=4),
                 RandomHorizontalFlip, ToTensor, Normalize, DataLoader with N workers
 and prints images/second, seconds per 50k-image epoch and the time ratios
@@ -97,7 +98,9 @@ def bench_norm(norm, data, args, device, amp):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         return (torch.compile(model) if args.compile else model), optimizer
 
-    model, optimizer = make_model(torch.channels_last)
+    layout = utils.memory_format(device)
+    other_layout = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+    model, optimizer = make_model(layout)
     constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -122,13 +125,13 @@ def bench_norm(norm, data, args, device, amp):
             model.train()
             for _ in range(n):
                 xb, yb = next(batches)
-                step(model, optimizer, xb.to(device).contiguous(memory_format=torch.channels_last),
+                step(model, optimizer, xb.to(device).contiguous(memory_format=layout),
                      yb.to(device), amp)
         return run
 
+    other_name = "limit-contiguous" if other_layout == torch.contiguous_format else "limit-channels_last"
     pipelines = {"project": project, "limit": limit(model, optimizer, x),
-                 # The limit again with model and batch in the default NCHW layout.
-                 "limit-contiguous": limit(*make_model(torch.contiguous_format), x.contiguous())}
+                 other_name: limit(*make_model(other_layout), x.contiguous(memory_format=other_layout))}
     for workers in args.workers:
         batches = endless(conventional_loader(images, labels, bs, workers))
         pipelines[f"dataloader-{workers}"] = conventional(batches)

@@ -213,7 +213,7 @@ def run_variant(norm, args, data, device):
         args.resume and files["checkpoint"].exists()) else None
 
     utils.seed_everything(args.seed)
-    model = Net(norm, args.blocks).to(device, memory_format=torch.channels_last)
+    model = Net(norm, args.blocks).to(device, memory_format=utils.memory_format(device))
     params = count_parameters(model)
     print(f"\n=== {norm.upper()}: {params:,} trainable parameters ===")
     if checkpoint is None:
@@ -296,7 +296,8 @@ def redraw_variant(norm, args, data, device):
         return
     metrics = json.loads(files["metrics"].read_text())
     # The run's own blocks, whatever --blocks says now; runs made before the option: plain.
-    model = Net(norm, metrics.get("blocks", "plain")).to(device, memory_format=torch.channels_last)
+    model = Net(norm, metrics.get("blocks", "plain")).to(device,
+                                                         memory_format=utils.memory_format(device))
     model.load_state_dict(torch.load(files["model"], map_location=device))
     draw_figures(model, metrics, files, *(t.to(device) for t in data["test"]))
 

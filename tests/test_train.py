@@ -62,7 +62,7 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
     data = utils.load_cifar10(image_folder, tmp_path / "cache")
     images, labels = (t.to(device) for t in data["train"])
     torch.manual_seed(0)
-    model = train.Net("bn").to(device, memory_format=torch.channels_last)
+    model = train.Net("bn").to(device, memory_format=utils.memory_format(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator(device).manual_seed(0)
@@ -77,7 +77,7 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
 def tiny_step(device="cpu", cuda_graph=False):
     """A TrainStep on 32 random images, its model and its optimizer."""
     torch.manual_seed(0)
-    model = train.Net("bn").to(device, memory_format=torch.channels_last)
+    model = train.Net("bn").to(device, memory_format=utils.memory_format(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)
