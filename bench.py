@@ -9,6 +9,7 @@ For each norm it times the same SGD steps fed three ways:
                 channels_last on CUDA; utils.memory_format says which one trains)
   dataloader-N  torchvision-style: a PIL image per sample, RandomCrop(32, padding=4),
                 RandomHorizontalFlip, ToTensor, Normalize, DataLoader with N workers
+  eval-B        no training: utils.test (inference mode) on as many images, in batches of B
 and prints images/second, seconds per 50k-image epoch and the time ratios
 project/limit (the data pipeline's overhead) and dataloader/project (the
 speed-up over the conventional pipeline, fastest worker count).
@@ -136,6 +137,15 @@ def bench_norm(norm, data, args, device, amp):
         batches = endless(conventional_loader(images, labels, bs, workers))
         pipelines[f"dataloader-{workers}"] = conventional(batches)
 
+    def evaluate(eval_batch_size):
+        def run(n):
+            utils.test(model, device_images[:n * bs], device_labels[:n * bs],
+                       batch_size=eval_batch_size, amp=amp)
+        return run
+
+    for eval_batch_size in args.eval_batch_sizes:
+        pipelines[f"eval-{eval_batch_size}"] = evaluate(eval_batch_size)
+
     # Rounds interleave the pipelines, so a slow spell of the machine does not
     # land on one of them only; the best round is the least disturbed.
     speeds = dict.fromkeys(pipelines, 0.0)
@@ -156,6 +166,8 @@ def main():
                         help="default: %(default)s, as train.py")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
+    parser.add_argument("--eval-batch-sizes", type=int, nargs="+", default=[1000, 250],
+                        help="evaluation batch sizes to time (default: 1000 250)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--cache-dir", default=str(utils.default_cache_dir()))
     parser.add_argument("--synthetic", type=int, metavar="N",

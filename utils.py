@@ -389,9 +389,21 @@ def train(step, scheduler, batch_size, desc="train"):
     return total_loss.item() / n, correct.item() / n
 
 
+def eval_batch_size(device):
+    """Images per batch when evaluating on `device`.
+
+    On the CPU, batches of 250 keep their activations in the caches: evaluation
+    took 1.7-2.6x less time than in batches of 1,000 (bench.py's eval rows). On
+    CUDA, 1,000 makes fewer launches.
+    """
+    return 250 if torch.device(device).type == "cpu" else 1000
+
+
 @torch.inference_mode()
-def test(model, images, labels, batch_size=1000, amp=False):
-    """(loss, accuracy, predictions) of the model on uint8 images, no augmentation."""
+def test(model, images, labels, batch_size=None, amp=False):
+    """(loss, accuracy, predictions) of the model on uint8 images, no augmentation,
+    in batches of `batch_size` (default: eval_batch_size of the images' device)."""
+    batch_size = batch_size or eval_batch_size(images.device)
     model.eval()
     total_loss = torch.zeros((), device=images.device)
     predictions = []

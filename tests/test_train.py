@@ -350,14 +350,28 @@ def test_cli_rejects_unknown_norm_without_traceback():
     assert result.stderr.count("\n") == 1 and "invalid choice: 'xyz'" in result.stderr
 
 
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
+    """The eval batch size is a speed setting only (utils.eval_batch_size)."""
+    torch.manual_seed(0)
+    model = train.Net(norm, "separable").to(memory_format=utils.memory_format("cpu"))
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,))
+    loss, accuracy, predictions = utils.test(model, images, labels, batch_size=40)
+    # Batches of 7 (the last one of 5): BN must use its running statistics, not the batch's.
+    other_loss, other_accuracy, other_predictions = utils.test(model, images, labels, batch_size=7)
+    assert torch.equal(predictions, other_predictions) and other_accuracy == accuracy
+    assert other_loss == pytest.approx(loss, rel=1e-5)
+
+
 def test_bench_smoke_prints_every_pipeline_and_the_ratios():
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--synthetic", "64",
                              "--batch-size", "16", "--batches", "2", "--rounds", "1", "--workers", "0",
-                             "--norm", "ln"], capture_output=True, text=True,
-                            timeout=600)  # a guard against a hang, roomy for a busy machine
+                             "--norm", "ln", "--eval-batch-sizes", "8", "5"], capture_output=True,
+                            text=True, timeout=600)  # a guard against a hang, roomy for a busy machine
     assert result.returncode == 0, result.stderr
-    for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |",
-                "time project/limit", "dataloader-0/project"):
+    for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
+                "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
         assert row in result.stdout
 
 
