@@ -100,7 +100,9 @@ def bench_norm(norm, data, args, device, amp):
         return (torch.compile(model) if args.compile else model), optimizer
 
     layout = utils.memory_format(device)
-    other_layout = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+    other_layout, other_name = ((torch.contiguous_format, "limit-contiguous")
+                                if layout == torch.channels_last else
+                                (torch.channels_last, "limit-channels_last"))
     model, optimizer = make_model(layout)
     constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -130,7 +132,6 @@ def bench_norm(norm, data, args, device, amp):
                      yb.to(device), amp)
         return run
 
-    other_name = "limit-contiguous" if other_layout == torch.contiguous_format else "limit-channels_last"
     pipelines = {"project": project, "limit": limit(model, optimizer, x),
                  other_name: limit(*make_model(other_layout), x.contiguous(memory_format=other_layout))}
     for workers in args.workers:

@@ -11,11 +11,9 @@
 set -u
 data=$1 out=$2 base=$3
 deadline=$((SECONDS + ${BUDGET:-230}))
-source "$(dirname "$0")/lib.sh"  # left, full_run; writes machine.txt
+source "$(dirname "$0")/lib.sh"  # left, checks, full_run; writes machine.txt
 
-python3 -c "import sys, utils, matplotlib.pyplot
-utils.load_cifar10(sys.argv[1], utils.default_cache_dir(), download=False)" "$data" 2>&1 | tee "$out/checks.txt"
-timeout "$(left)" python3 -m pytest -q -rs tests -k "cuda_graph or easy_task" 2>&1 | tail -n 15 | tee -a "$out/checks.txt"
+checks
 full_run graph --cuda-graph
 (cd "$base" && full_run base-graph --cuda-graph)
 timeout "$(left)" python3 bench.py --device cuda --data-dir "$data" --batches 100 \
