@@ -213,13 +213,16 @@ def run_variant(norm, args, data, device):
         args.resume and files["checkpoint"].exists()) else None
 
     utils.seed_everything(args.seed)
-    model = Net(norm, args.blocks).to(device, memory_format=utils.memory_format(device))
+    model = Net(norm, args.blocks)
     params = count_parameters(model)
     print(f"\n=== {norm.upper()}: {params:,} trainable parameters ===")
     if checkpoint is None:
         from torchsummary import summary
-        summary(model.eval(), (3, 32, 32), device=device.type)
+        # On the CPU, before the move: on CUDA torchsummary would put its input on cuda:0
+        # whatever the device, and cuDNN would tune its algorithms for a batch of 2.
+        summary(model.eval(), (3, 32, 32), device="cpu")
         utils.seed_everything(args.seed)  # the summary's forward pass drew random numbers
+    model = model.to(device, memory_format=utils.memory_format(device))
 
     train_images, train_labels = (t.to(device) for t in data["train"])
     test_images, test_labels = (t.to(device) for t in data["test"])
