@@ -179,8 +179,8 @@ def main():
     parser.add_argument("--cuda-graph", action="store_true",
                         help="the project pipeline's steps as CUDA graphs, as train.py --cuda-graph")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 mixed precision (default: as train.py, on for BN "
-                             "and LN on CPUs with AMX matrix units)")
+                        help="bfloat16 mixed precision (default: as train.py, on for CPUs "
+                             "with AMX matrix units)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,8 +207,8 @@ def main():
     print(f"data: {data['source']}; start-up to data ready: {startup:.2f}s\n")
     print("| norm | pipeline | images/s | s/epoch (50k) | time vs project |")
     print("|---|---|---:|---:|---:|")
+    amp = utils.use_amp(args.amp, device)
     for norm in NORMS if args.norm == "all" else [args.norm]:
-        amp = utils.use_amp(args.amp, device, norm)
         rows = bench_norm(norm, data, args, device, amp)
         for name, speed in rows.items():
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "

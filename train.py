@@ -121,9 +121,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 mixed precision (default: on for BN and LN on CPUs with "
-                             "AMX matrix units, where it is faster; off for GN and elsewhere, "
-                             "e.g. on GPUs, where it is not)")
+                        help="bfloat16 mixed precision (default: on for CPUs with AMX matrix "
+                             "units, where it is faster; off elsewhere, e.g. on GPUs, where it "
+                             "is not)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="on CUDA, capture each training step as a CUDA graph and replay it: "
@@ -179,9 +179,9 @@ def check_not_clobbering(files, args):
 
 
 def run_options(norm, args):
-    """The options of one variant's run, --amp's default resolved for the variant."""
+    """The options of one variant's run, --amp's default resolved for the device."""
     return {key: getattr(args, key) for key in RUN_OPTIONS} | {
-        "norm": norm, "amp": utils.use_amp(args.amp, args.device, norm)}
+        "norm": norm, "amp": utils.use_amp(args.amp, args.device)}
 
 
 def restore(checkpoint, run, model, optimizer, scheduler, generator, path):

@@ -267,21 +267,19 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
-def use_amp(requested, device, norm):
-    """Whether the `norm` variant trains in bfloat16 mixed precision on `device`:
-    as --amp requested, or by default (None) where that is faster.
+def use_amp(requested, device):
+    """Whether to train in bfloat16 mixed precision on `device`: as --amp
+    requested, or by default (None) where that is faster.
 
-    Measured (README, "Performance"): faster for BN and LN on a CPU with AMX
-    matrix units (Intel Xeon since Sapphire Rapids), where oneDNN runs the
-    bfloat16 convolutions on them; slower for GN there, as PyTorch's bfloat16
-    GroupNorm with several groups is slower than its float32 one; slower on an
-    H200, where this small net's step waits on kernel launches and autocast only
-    adds casts. Other CPUs stay in float32: not measured, and most have no
-    bfloat16 arithmetic to gain from.
+    Measured (README, "Performance"): faster for all three variants on a CPU with
+    AMX matrix units (Intel Xeon since Sapphire Rapids), where oneDNN runs the
+    bfloat16 convolutions on them; slower on an H200, where this small net's step
+    waits on kernel launches and autocast only adds casts. Other CPUs stay in
+    float32: not measured, and most have no bfloat16 arithmetic to gain from.
     """
     if requested is not None:
         return requested
-    return device.type == "cpu" and norm != "gn" and torch.cpu._is_amx_tile_supported()
+    return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
 
 
 def one_cycle(optimizer, total_steps, warmup_fraction=0.25):
