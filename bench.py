@@ -180,7 +180,7 @@ def main():
                         help="the project pipeline's steps as CUDA graphs, as train.py --cuda-graph")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bfloat16 mixed precision (default: as train.py, on for CPUs "
-                             "with AMX matrix units)")
+                             "with AVX-512 bfloat16 instructions)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,7 +200,8 @@ def main():
         data = utils.load_cifar10(args.data_dir, args.cache_dir, download=False)
     startup = time.perf_counter() - START
 
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"device {device} ({utils.processor_name(device)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"{args.blocks} blocks, batch size {args.batch_size}, "
           f"best of {args.rounds} rounds of {args.batches} batches, "
           f"compile={args.compile}, cuda_graph={args.cuda_graph}")

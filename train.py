@@ -121,9 +121,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 mixed precision (default: on for CPUs with AMX matrix "
-                             "units, where it is faster; off elsewhere, e.g. on GPUs, where it "
-                             "is not)")
+                        help="bfloat16 mixed precision (default: on for CPUs with AVX-512 "
+                             "bfloat16 instructions, where it is faster; off elsewhere, e.g. on "
+                             "GPUs, where it is not)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="on CUDA, capture each training step as a CUDA graph and replay it: "
@@ -235,6 +235,7 @@ def run_variant(norm, args, data, device):
 
     run = run_options(norm, args)
     metrics = {**run, "params": params, "device": str(device),
+               "processor": utils.processor_name(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cuda_graph": args.cuda_graph,
                "data_source": data["source"], "eval_split": data["eval_split"],
@@ -346,6 +347,8 @@ def main(argv=None):
         data = utils.load_cifar10(args.data_dir, args.cache_dir)
         if args.val_split:
             data = utils.hold_out(data, args.val_split)
+        print(f"{args.device} ({utils.processor_name(args.device)}), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
         print(f"data: {data['source']}: {len(data['train'][1]):,} train, "
               f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
         if args.device.type == "cuda":

@@ -6,6 +6,7 @@ needs as arguments. train.py is the front end.
 import collections
 import hashlib
 import os
+import platform
 import random
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
@@ -267,19 +268,35 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
+def processor_name(device):
+    """What `device` is, for the record: e.g. "AMD EPYC" or "NVIDIA H100 80GB HBM3".
+
+    Timings and the bfloat16 default depend on it, and the same 2-core machine
+    has not always had the same processor.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def use_amp(requested, device):
     """Whether to train in bfloat16 mixed precision on `device`: as --amp
     requested, or by default (None) where that is faster.
 
-    Measured (README, "Performance"): faster for all three variants on a CPU with
-    AMX matrix units (Intel Xeon since Sapphire Rapids), where oneDNN runs the
-    bfloat16 convolutions on them; slower on an H200, where this small net's step
-    waits on kernel launches and autocast only adds casts. Other CPUs stay in
-    float32: not measured, and most have no bfloat16 arithmetic to gain from.
+    Measured (README, "Performance"): faster for all three variants on CPUs with
+    AVX-512 bfloat16 instructions, where oneDNN runs the convolutions in bfloat16:
+    an Intel Xeon with AMX matrix units and an AMD EPYC without them; slower on an
+    H200, where this small net's step waits on kernel launches and autocast only
+    adds casts. Other CPUs stay in float32: they have no bfloat16 arithmetic.
     """
     if requested is not None:
         return requested
-    return device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
 
 
 def one_cycle(optimizer, total_steps, warmup_fraction=0.25):

@@ -39,7 +39,7 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
             assert (tmp_path / name.replace("bn", norm)).stat().st_size > 0
         metrics = json.loads((tmp_path / "out" / norm / "metrics.json").read_text())
         assert metrics["norm"] == norm and metrics["epochs"] == 2 and metrics["seed"] == 0
-        assert metrics["params"] < 50_000 and metrics["device"] == "cpu"
+        assert metrics["params"] < 50_000 and metrics["device"] == "cpu" and metrics["processor"]
         assert metrics["momentum"] == 0.9 and metrics["label_smoothing"] == 0.1  # the recipe
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
             assert len(metrics[key]) == 2
@@ -328,13 +328,13 @@ def test_checkpoint_of_the_other_precision_is_refused(run_args, tmp_path, capsys
     assert "amp=False" in err
 
 
-@pytest.mark.parametrize("amx, options, amp", [
+@pytest.mark.parametrize("bf16_cpu, options, amp", [
     (True, [], {"bn": True, "ln": True, "gn": True}),
     (False, [], {"bn": False, "ln": False, "gn": False}),
     (True, ["--no-amp"], {"bn": False, "ln": False, "gn": False}),
     (False, ["--amp"], {"bn": True, "ln": True, "gn": True})])
-def test_amp_by_default_only_where_bfloat16_is_faster(monkeypatch, amx, options, amp):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+def test_amp_by_default_only_where_bfloat16_is_faster(monkeypatch, bf16_cpu, options, amp):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_cpu)
     args = train.parse_args(["--device", "cpu", *options])
     assert {norm: train.run_options(norm, args)["amp"] for norm in amp} == amp
 
