@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import re
@@ -341,6 +342,20 @@ def test_amp_by_default_only_where_bfloat16_is_faster(monkeypatch, bf16_cpu, opt
 
 def test_amp_is_off_by_default_on_a_gpu():
     assert not utils.use_amp(None, torch.device("cuda"))
+
+
+def test_processor_name_is_the_cpu_model(monkeypatch):
+    cpuinfo = "processor\t: 0\nvendor_id\t: Test\nmodel name\t: Test CPU 9000\n"
+    monkeypatch.setattr(utils, "open", lambda path: io.StringIO(cpuinfo), raising=False)
+    assert utils.processor_name(torch.device("cpu")) == "Test CPU 9000"
+
+
+def test_processor_name_without_proc_cpuinfo(monkeypatch):
+    def missing(path):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(utils, "open", missing, raising=False)
+    monkeypatch.setattr(utils.platform, "processor", lambda: "")
+    assert utils.processor_name(torch.device("cpu")) == "unknown CPU"
 
 
 def test_cli_rejects_unknown_norm_without_traceback():
