@@ -200,9 +200,7 @@ def main():
         data = utils.load_cifar10(args.data_dir, args.cache_dir, download=False)
     startup = time.perf_counter() - START
 
-    print(f"device {device} ({utils.processor_name(device)}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, "
-          f"{args.blocks} blocks, batch size {args.batch_size}, "
+    print(f"device {utils.describe(device)}, {args.blocks} blocks, batch size {args.batch_size}, "
           f"best of {args.rounds} rounds of {args.batches} batches, "
           f"compile={args.compile}, cuda_graph={args.cuda_graph}")
     print(f"data: {data['source']}; start-up to data ready: {startup:.2f}s\n")

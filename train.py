@@ -347,8 +347,7 @@ def main(argv=None):
         data = utils.load_cifar10(args.data_dir, args.cache_dir)
         if args.val_split:
             data = utils.hold_out(data, args.val_split)
-        print(f"{args.device} ({utils.processor_name(args.device)}), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+        print(utils.describe(args.device))
         print(f"data: {data['source']}: {len(data['train'][1]):,} train, "
               f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
         if args.device.type == "cuda":

@@ -284,6 +284,12 @@ def processor_name(device):
         return platform.processor() or "unknown CPU"
 
 
+def describe(device):
+    """One line for logs: device, processor, torch version and CPU threads."""
+    return (f"{device} ({processor_name(device)}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
 def use_amp(requested, device):
     """Whether to train in bfloat16 mixed precision on `device`: as --amp
     requested, or by default (None) where that is faster.
