@@ -1,12 +1,12 @@
 """Tables over finished train.py runs: several seeds of one recipe, or an ablation.
 
     python summarize.py results results/seed1 results/seed2 > results/seeds.md
-    python summarize.py --ablation results/ablation/*/metrics.json
+    python summarize.py --ablation results/ablation/runs.txt > results/ablation/ablation.md
 
 Seeds: each folder holds <norm>/metrics.json for the variants it ran; runs that
 differ in anything but the seed are refused, as their mean would mean nothing.
-Ablation: one row per metrics file, in the order given, each compared with the
-first row above it whose recipe is closest, so every row names the change it made.
+Ablation: one row per run of a list, in its order, each compared with the
+baseline the list names for it, so every row names the change it made.
 """
 import argparse
 import json
@@ -79,41 +79,60 @@ def changes(metrics, reference):
             if a.get(key) != b.get(key)]
 
 
-def run_name(path):
-    """The folder that names a run: x for x/metrics.json, x/gn for train.py's x/gn/metrics.json."""
-    folder = Path(path).parent
-    return f"{folder.parent.name}/{folder.name}" if folder.name in NORMS else folder.name
+def read_run_list(path):
+    """[(run, baseline or None)] from an ablation list: one 'RUN [BASELINE]' a line.
+
+    Each name is a folder beside the list holding that run's metrics.json; a
+    baseline must be a run listed above it. '#' starts a comment.
+    """
+    if not path.is_file():
+        sys.exit(f"summarize.py: error: no such run list: {path}")
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = line.split("#")[0].split()
+        listed = [run for run, _ in pairs]
+        if len(words) > 2 or (len(words) == 2 and words[1] not in listed):
+            sys.exit(f"summarize.py: error: {path}:{number}: expected 'RUN [BASELINE]' "
+                     "with BASELINE a run listed above")
+        if words:
+            pairs.append((words[0], words[1] if len(words) == 2 else None))
+    return pairs
 
 
-def ablation(paths):
-    missing = [str(path) for path in paths if not Path(path).is_file()]
+def ablation(list_path):
+    pairs = read_run_list(list_path)
+    paths = {run: list_path.parent / run / "metrics.json" for run, _ in pairs}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         sys.exit(f"summarize.py: error: no such metrics file: {', '.join(missing)}")
-    rows = [json.loads(Path(path).read_text()) for path in paths]
-    split = rows[0]["eval_split"]
-    lines = [f"| run | change (vs the closest run above) | {split} acc | gain "
-             "| train acc (final weights) |", "|---|---|---:|---:|---:|"]
-    for i, (path, metrics) in enumerate(zip(paths, rows)):
+    runs = {run: json.loads(path.read_text()) for run, path in paths.items()}
+    split = next(iter(runs.values()))["eval_split"]
+    lines = [f"| run | against | change | {split} acc | gain | train acc (final weights) |",
+             "|---|---|---|---:|---:|---:|"]
+    for run, baseline in pairs:
+        metrics = runs[run]
         acc = 100 * metrics["test_acc"][-1]
         change, gain = "baseline", ""
-        if i > 0:
-            # The first run above with the fewest differences: list the main line first.
-            reference = min(rows[:i], key=lambda r: len(changes(metrics, r)))
+        if baseline:
+            reference = runs[baseline]
             change = ", ".join(changes(metrics, reference)) or "none (a repeat)"
             gain = f"{acc - 100 * reference['test_acc'][-1]:+.2f}"
-        lines.append(f"| {run_name(path)} | {change} | {acc:.2f}% | {gain} "
+        lines.append(f"| {run} | {baseline or ''} | {change} | {acc:.2f}% | {gain} "
                      f"| {100 * metrics['train_eval_acc']:.2f}% |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", type=Path,
-                        help="output folders of train.py runs (metrics.json files with --ablation)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="one row per metrics file, each with the change it made")
+    parser.add_argument("folders", nargs="*", type=Path,
+                        help="output folders of train.py runs, one per seed")
+    parser.add_argument("--ablation", type=Path, metavar="LIST",
+                        help="instead, one row per run of LIST, with the change it made "
+                             "against its baseline (see results/ablation/runs.txt)")
     args = parser.parse_args(argv)
-    print(ablation(args.paths) if args.ablation else seeds(args.paths), end="")
+    if bool(args.ablation) == bool(args.folders):
+        parser.error("give either seed folders or --ablation LIST")
+    print(ablation(args.ablation) if args.ablation else seeds(args.folders), end="")
 
 
 if __name__ == "__main__":

@@ -41,33 +41,60 @@ def test_runs_from_before_the_blocks_option_count_as_plain(tmp_path, capsys):
         summarize.main([str(tmp_path / "old"), str(tmp_path / "separable")])
 
 
-def test_ablation_names_each_change_against_the_first_closest_run_above(tmp_path, capsys):
+def write_list(folder, text):
+    path = folder / "runs.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def ablation_rows(capsys, list_path):
+    summarize.main(["--ablation", list_path])
+    return capsys.readouterr().out.splitlines()[2:]
+
+
+def test_ablation_names_each_change_against_the_baseline_the_list_gives(tmp_path, capsys):
     write_run(tmp_path / "base", "gn", 0, 0.77)
     write_run(tmp_path / "wd", "gn", 0, 0.76, weight_decay=5e-5)
     write_run(tmp_path / "bs128", "gn", 0, 0.79, batch_size=128)
     write_run(tmp_path / "bs128-lr", "gn", 0, 0.80, batch_size=128, lr=0.4)
     write_run(tmp_path / "seed1", "gn", 1, 0.775)
-    names = ["base", "wd", "bs128", "bs128-lr", "seed1"]
-    summarize.main(["--ablation", *(str(tmp_path / name / "gn" / "metrics.json") for name in names)])
-    rows = capsys.readouterr().out.splitlines()[2:]
-    assert rows == ["| base/gn | baseline | 77.00% |  | 80.00% |",
-                    "| wd/gn | weight_decay None -> 5e-05 | 76.00% | -1.00 | 79.00% |",
-                    "| bs128/gn | batch_size None -> 128 | 79.00% | +2.00 | 82.00% |",
-                    "| bs128-lr/gn | lr 0.2 -> 0.4 | 80.00% | +1.00 | 83.00% |",
-                    "| seed1/gn | seed 0 -> 1 | 77.50% | +0.50 | 80.50% |"]
+    runs = write_list(tmp_path, "# run baseline\nbase/gn\nwd/gn base/gn\n\n"
+                                "bs128/gn base/gn  # batch size\nbs128-lr/gn wd/gn\nseed1/gn base/gn\n")
+    assert ablation_rows(capsys, runs) == [
+        "| base/gn |  | baseline | 77.00% |  | 80.00% |",
+        "| wd/gn | base/gn | weight_decay None -> 5e-05 | 76.00% | -1.00 | 79.00% |",
+        "| bs128/gn | base/gn | batch_size None -> 128 | 79.00% | +2.00 | 82.00% |",
+        "| bs128-lr/gn | wd/gn | batch_size None -> 128, lr 0.2 -> 0.4, weight_decay 5e-05 -> None "
+        "| 80.00% | +4.00 | 83.00% |",
+        "| seed1/gn | base/gn | seed 0 -> 1 | 77.50% | +0.50 | 80.50% |"]
 
 
 def test_ablation_reads_a_patch_option_missing_from_older_runs_as_its_default(tmp_path, capsys):
     write_run(tmp_path / "old", "bn", 0, 0.836)
     write_run(tmp_path / "default", "bn", 0, 0.836, ema=0.0, wd_all=1)
     write_run(tmp_path / "ema", "bn", 0, 0.79, ema=0.999)
-    names = ["old", "default", "ema"]
-    summarize.main(["--ablation", *(str(tmp_path / name / "bn" / "metrics.json") for name in names)])
-    rows = capsys.readouterr().out.splitlines()[3:]
-    assert rows == ["| default/bn | none (a repeat) | 83.60% | +0.00 | 86.60% |",
-                    "| ema/bn | ema 0.0 -> 0.999 | 79.00% | -4.60 | 82.00% |"]
+    runs = write_list(tmp_path, "old/bn\ndefault/bn old/bn\nema/bn default/bn\n")
+    assert ablation_rows(capsys, runs)[1:] == [
+        "| default/bn | old/bn | none (a repeat) | 83.60% | +0.00 | 86.60% |",
+        "| ema/bn | default/bn | ema 0.0 -> 0.999 | 79.00% | -4.60 | 82.00% |"]
 
 
-def test_missing_metrics_file_is_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="no such metrics file: .*nope.json"):
-        summarize.main(["--ablation", str(tmp_path / "nope.json")])
+@pytest.mark.parametrize("text", ["a b c\n", "b a\na\n", "a\nb nope\n"])
+def test_ablation_list_line_that_names_no_run_above_is_one_line_error(tmp_path, text):
+    with pytest.raises(SystemExit, match=":[12]: expected 'RUN \\[BASELINE\\]'"):
+        summarize.main(["--ablation", write_list(tmp_path, text)])
+
+
+def test_missing_metrics_file_or_list_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such metrics file: .*nope/metrics.json"):
+        summarize.main(["--ablation", write_list(tmp_path, "nope\n")])
+    with pytest.raises(SystemExit, match="no such run list: .*absent.txt"):
+        summarize.main(["--ablation", str(tmp_path / "absent.txt")])
+
+
+def test_seed_folders_and_ablation_list_exclude_each_other(tmp_path, capsys):
+    for argv in ([], ["results", "--ablation", "runs.txt"]):
+        with pytest.raises(SystemExit) as exit_info:
+            summarize.main(argv)
+        assert exit_info.value.code == 2
+    assert "either seed folders or --ablation LIST" in capsys.readouterr().err
