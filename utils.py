@@ -286,8 +286,9 @@ def processor_name(device):
 
 def describe(device):
     """One line for logs: device, processor, torch version and CPU threads."""
+    threads = torch.get_num_threads()
     return (f"{device} ({processor_name(device)}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{threads} thread{'s' if threads != 1 else ''}")
 
 
 def use_amp(requested, device):

@@ -358,6 +358,14 @@ def test_processor_name_without_proc_cpuinfo(monkeypatch):
     assert utils.processor_name(torch.device("cpu")) == "unknown CPU"
 
 
+@pytest.mark.parametrize("threads, words", [(1, "1 thread"), (2, "2 threads")])
+def test_describe_names_processor_and_threads(monkeypatch, threads, words):
+    monkeypatch.setattr(utils, "processor_name", lambda device: "Test CPU 9000")
+    monkeypatch.setattr(utils.torch, "get_num_threads", lambda: threads)
+    assert utils.describe(torch.device("cpu")) == (
+        f"cpu (Test CPU 9000), torch {torch.__version__}, {words}")
+
+
 def test_cli_rejects_unknown_norm_without_traceback():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--norm", "xyz"],
                             capture_output=True, text=True, timeout=60)
