@@ -280,7 +280,7 @@ def run_variant(norm, args, data, device):
     _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels,
                                                  amp=run["amp"])
     utils.atomic_save(model.state_dict(), files["model"])
-    files["metrics"].write_text(json.dumps(metrics, indent=1) + "\n")
+    utils.atomic_write_text(json.dumps(metrics, indent=1) + "\n", files["metrics"])
     draw_figures(step_model, metrics, files, test_images, test_labels)
 
 
@@ -313,7 +313,7 @@ def write_report(args):
     if not all_metrics:
         raise UserError(f"no finished run in {args.out_dir} to report on")
     table = utils.results_table(all_metrics)
-    (args.out_dir / "results.md").write_text(table)
+    utils.atomic_write_text(table, args.out_dir / "results.md")
     utils.plot_comparison(all_metrics, args.images_dir / "comparison.png")
     print("\n" + table)
 

@@ -467,13 +467,23 @@ def set_rng_states(states, generator):
     generator.set_state(states["augment"])
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
+def _replace_atomically(path, write):
+    """write(temporary path), then rename it to `path`: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` to `path`, atomically."""
+    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text, path):
+    """Write `text` to `path`, atomically: metrics.json marks a finished run."""
+    _replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def load_checkpoint(path):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +201,20 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
         utils.atomic_save({"epoch": 2}, path)
     monkeypatch.undo()
     assert utils.load_checkpoint(path) == {"epoch": 1}
+
+
+def test_metrics_file_is_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    utils.atomic_write_text('{"epochs": 1}', path)
+
+    def crash_mid_write(self, text):
+        open(self, "w").write(text[:3])
+        raise OSError("disk full")
+    monkeypatch.setattr(Path, "write_text", crash_mid_write)
+    with pytest.raises(OSError):
+        utils.atomic_write_text('{"epochs": 2}', path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"epochs": 1}
 
 
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(run_args, tmp_path,
