@@ -28,7 +28,9 @@ BLOCKS_DEFAULT = "separable"  # 3x3 blocks of C3-C9, see models.py
 EPOCHS = 20
 BATCH_SIZE = 128
 LR = 0.1                # peak of the one-cycle schedule
-MOMENTUM = 0.9          # Nesterov
+# Nesterov momentum, per norm: 0.95 gained LN +0.49 on validation (mean of 3 seeds,
+# every seed up), BN -0.20 and GN +0.12; see README, "Ablation".
+MOMENTUM = {"bn": 0.9, "ln": 0.95, "gn": 0.9}
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
 TRANSLATE = 4           # pixels of random shift each way
@@ -96,7 +98,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="default: %(default)s")
     parser.add_argument("--lr", type=positive_float, default=LR,
                         help="peak learning rate of the one-cycle schedule (default: %(default)s)")
-    parser.add_argument("--momentum", type=non_negative_float, default=MOMENTUM, help="default: %(default)s")
+    parser.add_argument("--momentum", type=non_negative_float,
+                        help="SGD's Nesterov momentum (default: per norm, "
+                             + ", ".join(f"{norm} {m}" for norm, m in MOMENTUM.items()) + ")")
     parser.add_argument("--weight-decay", type=non_negative_float, default=WEIGHT_DECAY, help="default: %(default)s")
     parser.add_argument("--label-smoothing", type=non_negative_float, default=LABEL_SMOOTHING,
                         help="default: %(default)s")
@@ -179,9 +183,10 @@ def check_not_clobbering(files, args):
 
 
 def run_options(norm, args):
-    """The options of one variant's run, --amp's default resolved for the device."""
+    """The options of one variant's run, the per-norm and per-device defaults resolved."""
     return {key: getattr(args, key) for key in RUN_OPTIONS} | {
-        "norm": norm, "amp": utils.use_amp(args.amp, args.device)}
+        "norm": norm, "amp": utils.use_amp(args.amp, args.device),
+        "momentum": MOMENTUM[norm] if args.momentum is None else args.momentum}
 
 
 def restore(checkpoint, run, model, optimizer, scheduler, generator, path):
@@ -226,14 +231,14 @@ def run_variant(norm, args, data, device):
 
     train_images, train_labels = (t.to(device) for t in data["train"])
     test_images, test_labels = (t.to(device) for t in data["test"])
+    run = run_options(norm, args)
     steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=args.momentum > 0, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=run["momentum"],
+                                nesterov=run["momentum"] > 0, weight_decay=args.weight_decay)
     scheduler = utils.one_cycle(optimizer, args.epochs * steps_per_epoch)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
-    run = run_options(norm, args)
     metrics = {**run, "params": params, "device": str(device),
                "processor": utils.processor_name(device),
                "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -42,7 +42,10 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         metrics = json.loads((tmp_path / "out" / norm / "metrics.json").read_text())
         assert metrics["norm"] == norm and metrics["epochs"] == 2 and metrics["seed"] == 0
         assert metrics["params"] < 50_000 and metrics["device"] == "cpu" and metrics["processor"]
-        assert metrics["momentum"] == 0.9 and metrics["label_smoothing"] == 0.1  # the recipe
+        assert metrics["label_smoothing"] == 0.1  # the recipe
+        momentum = {"bn": 0.9, "ln": 0.95, "gn": 0.9}[norm]  # LN's own, see train.MOMENTUM
+        checkpoint = torch.load(tmp_path / "out" / norm / "checkpoint.pt", weights_only=False)
+        assert metrics["momentum"] == checkpoint["optimizer"]["param_groups"][0]["momentum"] == momentum
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
             assert len(metrics[key]) == 2
         assert metrics["train_size"] == 80 and metrics["test_size"] == 20
@@ -333,6 +336,11 @@ def test_checkpoint_with_other_options_is_refused(run_args, tmp_path, capsys):
     os.remove(tmp_path / "out/bn/metrics.json")
     err = one_line_error(capsys, [*run_args("--norm", "bn", "--lr", "0.01"), "--resume"])
     assert f"lr={train.LR}" in err  # names the option that differs, with the checkpoint's value
+
+
+def test_momentum_option_overrides_every_norms_default():
+    args = train.parse_args(["--momentum", "0.8"])
+    assert [train.run_options(norm, args)["momentum"] for norm in ("bn", "ln", "gn")] == [0.8] * 3
 
 
 def test_checkpoint_of_the_other_precision_is_refused(run_args, tmp_path, capsys):
