@@ -507,6 +507,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    """Save a figure to `path` atomically (a stop mid-write keeps the old figure), in the
+    format its suffix names, and close it."""
+    path = Path(path)
+    try:
+        _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix[1:]))
+    finally:
+        _pyplot().close(fig)
+
+
 def plot_curves(metrics, path):
     """Loss and accuracy per epoch, train and test, for one model."""
     plt = _pyplot()
@@ -520,8 +530,7 @@ def plot_curves(metrics, path):
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     _style(ax_loss, ax_acc)
     fig.suptitle(f"{metrics['norm'].upper()}: {metrics['params']:,} parameters")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _style(*axes):
@@ -548,8 +557,7 @@ def plot_comparison(all_metrics, path):
     axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="train accuracy (augmented)")
     axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
     _style(*axes)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_misclassified(images, labels, predictions, path, title, count=10):
@@ -571,8 +579,7 @@ def plot_misclassified(images, labels, predictions, path, title, count=10):
         ax.imshow(images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=10)
     fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def results_table(all_metrics):

@@ -220,6 +220,24 @@ def test_metrics_file_is_replaced_atomically(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"epochs": 1}
 
 
+def test_figure_is_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "bn_curves.png"
+    metrics = {"train_loss": [1.0], "test_loss": [0.9], "train_acc": [0.5], "test_acc": [0.6],
+               "eval_split": "test", "norm": "bn", "params": 1000}
+    utils.plot_curves(metrics, path)
+    first = path.read_bytes()
+
+    def crash_mid_write(self, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise OSError("disk full")
+    import matplotlib.figure
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", crash_mid_write)
+    with pytest.raises(OSError):
+        utils.plot_curves({**metrics, "train_loss": [2.0]}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == first and first.startswith(b"\x89PNG\r\n")
+
+
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(run_args, tmp_path,
                                                                           monkeypatch, capsys):
     real_forward = train.Net.forward
