@@ -24,8 +24,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import utils  # noqa: E402
-from models import BLOCKS, NORMS, Net  # noqa: E402
-from train import BATCH_SIZE, BLOCKS_DEFAULT  # noqa: E402
+from models import ACTIVATIONS, BLOCKS, NORMS, Net  # noqa: E402
+from train import ACTIVATION, BATCH_SIZE, BLOCKS_DEFAULT  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 
@@ -95,7 +95,8 @@ def bench_norm(norm, data, args, device, amp):
 
     def make_model(memory_format):
         torch.manual_seed(0)
-        model = Net(norm, args.blocks).to(device, memory_format=memory_format)
+        model = Net(norm, args.blocks, activation=args.activation or ACTIVATION[norm])
+        model = model.to(device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         return (torch.compile(model) if args.compile else model), optimizer
 
@@ -165,6 +166,8 @@ def main():
                         help="default: %(default)s, as train.py")
     parser.add_argument("--blocks", choices=BLOCKS, default=BLOCKS_DEFAULT,
                         help="default: %(default)s, as train.py")
+    parser.add_argument("--activation", choices=ACTIVATIONS,
+                        help="default: per norm, as train.py")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--eval-batch-sizes", type=int, nargs="+", default=[1000, 250],

@@ -1,7 +1,7 @@
 """The CIFAR-10 network, one class for all three normalization variants.
 
 Topology: C1 C2 c3 P1 | C3 C4 C5 c6 P2 | C7 C8 C9 GAP C10
-  C  = 3x3 conv block (conv, norm, ReLU, optional dropout)
+  C  = 3x3 conv block (conv, norm, ReLU or GELU, optional dropout)
   c  = 1x1 conv that mixes the channels before a pool
   P  = 2x2 max-pool, GAP = global average pool, C10 = 1x1 conv to the 10 logits
 Skip connections: C3's output is added to C5's, C7's output to C9's.
@@ -20,6 +20,7 @@ import torch.nn as nn
 
 NORMS = ("bn", "ln", "gn")
 BLOCKS = ("plain", "separable")
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
 # Channels out of C1-C2, c3, C3-C5, c6 and C7-C9, for each kind of block.
 WIDTHS = {"plain": (16, 16, 24, 24, 36), "separable": (16, 32, 64, 64, 96)}
@@ -44,35 +45,39 @@ def make_norm(norm, channels):
 
 
 class ConvBlock(nn.Sequential):
-    """3x3 conv (no bias: the norm's shift replaces it), norm, ReLU, dropout.
+    """3x3 conv (no bias: the norm's shift replaces it), norm, activation, dropout.
 
     separable: a depthwise 3x3 conv then a 1x1 conv instead of one full 3x3 conv.
+    activation: "relu" or "gelu" (see ACTIVATIONS).
     """
 
-    def __init__(self, c_in, c_out, norm, dropout, separable=False):
+    def __init__(self, c_in, c_out, norm, dropout, separable=False, activation="relu"):
         if separable:
             convs = [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False),
                      nn.Conv2d(c_in, c_out, 1, bias=False)]
         else:
             convs = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
-        layers = [*convs, make_norm(norm, c_out), nn.ReLU(inplace=True)]
+        layers = [*convs, make_norm(norm, c_out), ACTIVATIONS[activation]()]
         if dropout > 0:
             layers.append(nn.Dropout2d(dropout))
         super().__init__(*layers)
 
 
 class Net(nn.Module):
-    def __init__(self, norm="bn", blocks="plain", dropout=0.0):
+    def __init__(self, norm="bn", blocks="plain", dropout=0.0, activation="relu"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
         if blocks not in BLOCKS:
             raise ValueError(f"unknown blocks {blocks!r}; choose one of {', '.join(BLOCKS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; "
+                             f"choose one of {', '.join(ACTIVATIONS)}")
         self.norm = norm
         w12, w_c3, w345, w_c6, w789 = WIDTHS[blocks]
 
         def block(c_in, c_out, separable=blocks == "separable"):
-            return ConvBlock(c_in, c_out, norm, dropout, separable)
+            return ConvBlock(c_in, c_out, norm, dropout, separable, activation)
 
         self.conv1 = block(3, w12, separable=False)
         self.conv2 = block(w12, w12, separable=False)

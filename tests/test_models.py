@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import BLOCKS, GN_GROUPS, NORMS, Net, count_parameters
+from models import ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, Net, count_parameters
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)
@@ -42,6 +42,29 @@ def test_batch_norm_variant_uses_batchnorm_only():
     modules = list(Net("bn").modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in modules) == 8
     assert not any(isinstance(m, nn.GroupNorm) for m in modules)
+
+
+@pytest.mark.parametrize("activation, module, other", [("relu", nn.ReLU, nn.GELU),
+                                                      ("gelu", nn.GELU, nn.ReLU)])
+def test_every_block_ends_in_the_chosen_activation(activation, module, other):
+    model = Net("gn", "separable", activation=activation)
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "conv7", "conv8", "conv9"):
+        assert isinstance(getattr(model, name)[-1], module)
+    assert not any(isinstance(m, other) for m in model.modules())
+
+
+def test_activation_changes_outputs_not_parameters():
+    torch.manual_seed(0)
+    relu = Net("bn", "separable", activation="relu").eval()
+    gelu = Net("bn", "separable", activation="gelu").eval()
+    gelu.load_state_dict(relu.state_dict())  # same weights, same names
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(relu(x), gelu(x))
+
+
+def test_unknown_activation_names_the_choices():
+    with pytest.raises(ValueError, match=", ".join(ACTIVATIONS)):
+        Net("bn", "separable", activation="tanh")
 
 
 def test_unknown_norm_names_the_choices():

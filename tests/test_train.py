@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
 import train
 import utils
 from conftest import BROKEN_FOLDERS, ROOT
@@ -44,6 +45,9 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         assert metrics["params"] < 50_000 and metrics["device"] == "cpu" and metrics["processor"]
         assert metrics["label_smoothing"] == 0.1  # the recipe
         momentum = {"bn": 0.9, "ln": 0.95, "gn": 0.95}[norm]  # per norm, see train.MOMENTUM
+        activation = {"bn": "ReLU", "ln": "GELU", "gn": "GELU"}[norm]  # and train.ACTIVATION
+        assert metrics["activation"] == activation.lower()
+        assert f"{activation}-3 " in out.split(f"=== {norm.upper()}:")[1]  # in its summary
         checkpoint = torch.load(tmp_path / "out" / norm / "checkpoint.pt", weights_only=False)
         assert metrics["momentum"] == checkpoint["optimizer"]["param_groups"][0]["momentum"] == momentum
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
@@ -361,6 +365,12 @@ def test_momentum_option_overrides_every_norms_default():
     assert [train.run_options(norm, args)["momentum"] for norm in ("bn", "ln", "gn")] == [0.8] * 3
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_activation_option_overrides_every_norms_default(activation):
+    args = train.parse_args(["--activation", activation])
+    assert [train.run_options(norm, args)["activation"] for norm in ("bn", "ln", "gn")] == [activation] * 3
+
+
 def test_checkpoint_of_the_other_precision_is_refused(run_args, tmp_path, capsys):
     train.main(run_args("--norm", "bn", "--no-amp"))
     metrics = tmp_path / "out/bn/metrics.json"
@@ -460,14 +470,25 @@ def test_val_split_holds_out_the_same_images_whatever_the_seed(image_folder, tmp
     assert not any(bytes(x.numpy()) in train_set for x in a["test"][0])
 
 
-def test_plots_only_redraws_figures_without_training(run_args, tmp_path, capsys):
-    train.main(run_args("--norm", "gn", "--blocks", "plain"))
+@pytest.mark.parametrize("activation, module", [("relu", torch.nn.ReLU), ("gelu", torch.nn.GELU)])
+def test_plots_only_redraws_figures_without_training(activation, module, run_args, tmp_path, capsys,
+                                                     monkeypatch):
+    train.main(run_args("--norm", "gn", "--blocks", "plain", "--activation", activation))
     metrics_before = (tmp_path / "out/gn/metrics.json").read_text()
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         (tmp_path / "out/images" / name).unlink()
     capsys.readouterr()
-    train.main(run_args("--norm", "gn", "--plots-only"))  # the run's blocks, not the default
+    built = []
+
+    def net_spy(*args, **kwargs):
+        built.append(models.Net(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(train, "Net", net_spy)
+    train.main(run_args("--norm", "gn", "--plots-only"))
     assert "gn epoch" not in capsys.readouterr().out
+    # The run's own blocks and activation, not the defaults.
+    (model,) = built
+    assert model.conv3[0].groups == 1 and isinstance(model.conv3[-1], module)
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         assert (tmp_path / "out/images" / name).stat().st_size > 0
     assert (tmp_path / "out/gn/metrics.json").read_text() == metrics_before
