@@ -26,8 +26,8 @@ from utils import UserError
 # ----------------------------------------------------------------------------
 BLOCKS_DEFAULT = "separable"  # 3x3 blocks of C3-C9, see models.py
 # The activation after every norm, per norm: on validation GELU instead of ReLU gained
-# more than a point with LN and GN on every seed, and lost 0.74 with BN, whose epochs it
-# makes slower; see README, "Ablation".
+# more than a point with LN and GN on every seed tried, and lost 0.74 with BN, whose
+# epochs it makes slower; see README, "Ablation".
 ACTIVATION = {"bn": "relu", "ln": "gelu", "gn": "gelu"}
 EPOCHS = 20
 BATCH_SIZE = 128
