@@ -438,11 +438,14 @@ def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
     assert other_loss == pytest.approx(loss, rel=1e-5)
 
 
-def test_bench_smoke_prints_every_pipeline_and_the_ratios():
+@pytest.mark.parametrize("options", [[], pytest.param(["--device", "cuda", "--cuda-graph"],
+                                                     marks=NEEDS_CUDA, id="cuda_graph")])
+def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--synthetic", "64",
                              "--batch-size", "16", "--batches", "2", "--rounds", "1", "--workers", "0",
-                             "--norm", "ln", "--eval-batch-sizes", "8", "5"], capture_output=True,
-                            text=True, timeout=600)  # a guard against a hang, roomy for a busy machine
+                             "--norm", "ln", "--eval-batch-sizes", "8", "5", *options],
+                            capture_output=True, text=True,
+                            timeout=600)  # a guard against a hang, roomy for a busy machine
     assert result.returncode == 0, result.stderr
     for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
                 "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
