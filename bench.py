@@ -66,21 +66,6 @@ def step(model, optimizer, x, y, amp):
     optimizer.step()
 
 
-def graphed(train_step):
-    """`train_step` captured as a CUDA graph: the limit of a --cuda-graph step, with
-    no data work in it. Warm-up steps on a side stream first, as utils.TrainStep does."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(utils.TrainStep.WARMUP_STEPS):
-            train_step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        train_step()
-    return graph.replay
-
-
 def endless(loader):
     """Batches from the loader forever, so timing never pays a new epoch's start."""
     while True:
@@ -133,18 +118,10 @@ def bench_norm(norm, data, args, device, amp):
         utils.train(steps[n], constant_lr, bs)
 
     def limit(model, optimizer, x):
-        model.train()  # for the capture below, which runs now
-
-        def train_step():
-            step(model, optimizer, x, y, amp)
-        # With --cuda-graph the project's steps are replays, so the limit's are too:
-        # otherwise the ratio would compare a replay with Python's launches.
-        train_step = graphed(train_step) if args.cuda_graph else train_step
-
         def run(n):
-            model.train()  # evaluation may have run in between
+            model.train()
             for _ in range(n):
-                train_step()
+                step(model, optimizer, x, y, amp)
         return run
 
     def conventional(batches):

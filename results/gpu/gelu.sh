@@ -3,7 +3,7 @@
 #   0. decode the data set into the cache (timed apart, so no run pays for it); the GPU
 #      tests of the training step and of bench.py --cuda-graph;
 #   1. the full default run with --cuda-graph (the target: under 60 s on one H100);
-#   2. bench.py --cuda-graph (its limit rows graphed too, so project/limit is a fair ratio);
+#   2. bench.py --cuda-graph (its limit rows are eager steps, as ever);
 #   3. the full run again, on the now warm machine, for the spread between two runs.
 # Each step gets what is left of BUDGET seconds (default 420). Seven files in all.
 #
