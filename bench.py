@@ -179,8 +179,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="the project pipeline's steps as CUDA graphs, as train.py --cuda-graph")
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                        help="the project pipeline's steps as CUDA graphs (default: as train.py, "
+                             "on with CUDA unless --compile)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bfloat16 mixed precision (default: as train.py, on for CPUs "
                              "with AVX-512 bfloat16 instructions)")
@@ -190,6 +191,7 @@ def main():
     device = torch.device(args.device)
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph needs a CUDA device (--device cuda)")
+    args.cuda_graph = utils.use_cuda_graph(args.cuda_graph, device, args.compile)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
 

@@ -136,9 +136,10 @@ def parse_args(argv=None):
                              "bfloat16 instructions, where it is faster; off elsewhere, e.g. on "
                              "GPUs, where it is not)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--cuda-graph", action="store_true",
+    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                         help="on CUDA, capture each training step as a CUDA graph and replay it: "
-                             "one launch per step instead of hundreds")
+                             "one launch per step instead of hundreds (default: on with CUDA, "
+                             "unless --compile)")
     parser.add_argument("--resume", action="store_true",
                         help="continue each variant from its checkpoint in OUT_DIR, where there is one")
     parser.add_argument("--overwrite", action="store_true",
@@ -160,6 +161,7 @@ def parse_args(argv=None):
         parser.error("--cuda-graph needs a CUDA device (--device cuda)")
     if args.val_split < 0:
         parser.error(f"--val-split must be 0 or more, got {args.val_split}")
+    args.cuda_graph = utils.use_cuda_graph(args.cuda_graph, args.device, args.compile)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     args.images_dir = args.images_dir or args.out_dir / "images"

@@ -306,6 +306,17 @@ def use_amp(requested, device):
     return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
 
 
+def use_cuda_graph(requested, device, compiled):
+    """Whether to capture each training step as a CUDA graph: as --cuda-graph
+    requested, or by default (None) on CUDA unless the model is compiled (the two
+    do not combine). Measured (README, "On a GPU"): the full run in 52-59 s on an
+    H100 instead of about three minutes eager, at the same accuracy.
+    """
+    if requested is not None:
+        return requested
+    return device.type == "cuda" and not compiled
+
+
 def one_cycle(optimizer, total_steps, warmup_fraction=0.25):
     """Learning rate per step: linear from 0 up to the optimizer's lr over the
     first quarter of the steps, then linear down to 0 at the end."""

@@ -395,6 +395,14 @@ def test_amp_is_off_by_default_on_a_gpu():
     assert not utils.use_amp(None, torch.device("cuda"))
 
 
+@pytest.mark.parametrize("device, options, cuda_graph", [
+    ("cuda", [], True), ("cuda", ["--no-cuda-graph"], False), ("cuda", ["--compile"], False),
+    ("cpu", [], False), ("cpu", ["--no-cuda-graph"], False)])
+def test_cuda_graph_by_default_on_cuda_unless_compiled(monkeypatch, device, options, cuda_graph):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parsing only: nothing runs
+    assert train.parse_args(["--device", device, *options]).cuda_graph is cuda_graph
+
+
 def test_processor_name_is_the_cpu_model(monkeypatch):
     cpuinfo = "processor\t: 0\nvendor_id\t: Test\nmodel name\t: Test CPU 9000\n"
     monkeypatch.setattr(utils, "open", lambda path: io.StringIO(cpuinfo), raising=False)
