@@ -310,7 +310,7 @@ def use_cuda_graph(requested, device, compiled):
     """Whether to capture each training step as a CUDA graph: as --cuda-graph
     requested, or by default (None) on CUDA unless the model is compiled (the two
     do not combine). Measured (README, "On a GPU"): the full run in 52-59 s on an
-    H100 instead of about three minutes eager, at the same accuracy.
+    H100; 59 s against 176 s eager on an H200; the same accuracy within noise.
     """
     if requested is not None:
         return requested
