@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, Net, count_parameters
+from models import (ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, ConvBlock, GlobalAvgPool, Net,
+                    count_parameters)
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)
@@ -92,3 +93,29 @@ def test_skip_connection_adds_source_to_branch(norm, blocks, source, branch, tar
     model(torch.randn(2, 3, 32, 32))
     torch.testing.assert_close(seen[target], seen[source] + seen[branch])
     assert seen[source].abs().sum() > 0 and seen[branch].abs().sum() > 0
+
+
+def test_global_avg_pool_averages_every_position():
+    x = torch.randn(2, 5, 8, 8)
+    torch.testing.assert_close(GlobalAvgPool()(x), x.mean((2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_backward_keeps_channels_last_gradients(norm):
+    # Mixed layouts make PyTorch's elementwise and norm backward kernels several times
+    # slower on the CPU; nn.AdaptiveAvgPool2d(1) as the GAP sent NCHW gradients to C7-C9.
+    model = Net(norm, "separable", activation="gelu").to(memory_format=torch.channels_last)
+    layouts = {}
+
+    def record_gradient_layout(name):
+        def hook(module, inputs, output):
+            output.register_hook(lambda grad: layouts.__setitem__(
+                name, grad.is_contiguous(memory_format=torch.channels_last)))
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, ConvBlock):
+            module.register_forward_hook(record_gradient_layout(name))
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert len(layouts) == 8 and all(layouts.values()), layouts
