@@ -69,9 +69,9 @@ class GlobalAvgPool(nn.Module):
 
     nn.AdaptiveAvgPool2d(1) computes the same, but on the CPU its backward pass
     hands C7-C9 their gradients in NCHW order while their activations are
-    channels_last, and PyTorch's elementwise and norm backward kernels are several
-    times slower on mixed layouts: a training step took 1.13x (BN) to 1.28x (GN) as
-    long. avg_pool2d's backward keeps the input's layout.
+    channels_last, and PyTorch's activation backward kernels run several times
+    slower on mixed layouts: training was 1.11x to 1.18x faster without it
+    (results/speed/gap/). avg_pool2d's backward keeps the input's layout.
     """
 
     def forward(self, x):

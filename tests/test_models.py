@@ -102,7 +102,7 @@ def test_global_avg_pool_averages_every_position():
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_backward_keeps_channels_last_gradients(norm):
-    # Mixed layouts make PyTorch's elementwise and norm backward kernels several times
+    # Mixed layouts make PyTorch's activation backward kernels several times
     # slower on the CPU; nn.AdaptiveAvgPool2d(1) as the GAP sent NCHW gradients to C7-C9.
     model = Net(norm, "separable", activation="gelu").to(memory_format=torch.channels_last)
     layouts = {}
