@@ -19,15 +19,19 @@ import time
 START = time.perf_counter()  # start-up is measured from here: imports count
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import utils  # noqa: E402
 from models import ACTIVATIONS, BLOCKS, NORMS, Net  # noqa: E402
-from train import ACTIVATION, BATCH_SIZE, BLOCKS_DEFAULT  # noqa: E402
+from train import (ACTIVATION, BATCH_SIZE, BLOCKS_DEFAULT, Parser, non_negative_int,  # noqa: E402
+                   positive_int, resolve_device)
+from utils import UserError  # noqa: E402
 
 EPOCH_IMAGES = 50_000
+WARMUP_BATCHES = 3  # untimed batches before each timing
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -72,13 +76,13 @@ def endless(loader):
         yield from loader
 
 
-def timed(run, batches, batch_size, device, warmup=3):
+def timed(run, batches, batch_size, device):
     """Images per second of `run(n)`, which trains on n batches."""
     def finish():  # GPU work is queued: wait for it before reading the clock
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run(warmup)
+    run(WARMUP_BATCHES)
     finish()
     start = time.perf_counter()
     run(batches)
@@ -157,27 +161,29 @@ def bench_norm(norm, data, args, device, amp):
     return speeds
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--norm", choices=[*NORMS, "all"], default="all")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per pipeline and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+    parser.add_argument("--batches", type=positive_int, default=20,
+                        help="timed batches per pipeline and round (default: %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="interleaved rounds; the best counts (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="default: %(default)s, as train.py")
     parser.add_argument("--blocks", choices=BLOCKS, default=BLOCKS_DEFAULT,
                         help="default: %(default)s, as train.py")
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="default: per norm, as train.py")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
-    parser.add_argument("--eval-batch-sizes", type=int, nargs="+", default=[1000, 250],
+    parser.add_argument("--eval-batch-sizes", type=positive_int, nargs="+", default=[1000, 250],
                         help="evaluation batch sizes to time (default: 1000 250)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--cache-dir", default=str(utils.default_cache_dir()))
-    parser.add_argument("--synthetic", type=int, metavar="N",
+    parser.add_argument("--synthetic", type=positive_int, metavar="N",
                         help="use N random images instead of CIFAR-10 (smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                         help="the project pipeline's steps as CUDA graphs (default: as train.py, "
@@ -185,16 +191,12 @@ def main():
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bfloat16 mixed precision (default: as train.py, on for CPUs "
                              "with AVX-512 bfloat16 instructions)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if args.cuda_graph and device.type != "cuda":
-        parser.error("--cuda-graph needs a CUDA device (--device cuda)")
-    args.cuda_graph = utils.use_cuda_graph(args.cuda_graph, device, args.compile)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as train.py
+    args = parser.parse_args(argv)
+    resolve_device(parser, args)
+    return args
 
+
+def load_data(args):
     if args.synthetic:
         generator = torch.Generator().manual_seed(0)
         data = {"train": (torch.randint(0, 256, (args.synthetic, 3, 32, 32), dtype=torch.uint8,
@@ -203,6 +205,26 @@ def main():
                 "source": f"{args.synthetic} random images"}
     else:
         data = utils.load_cifar10(args.data_dir, args.cache_dir, download=False)
+    # Each timing takes its batches from the start of the data, never wrapping round.
+    needed = max(args.batches, WARMUP_BATCHES) * args.batch_size
+    if len(data["train"][1]) < needed:
+        raise UserError(f"{args.batches} batches of {args.batch_size} need {needed:,} training "
+                        f"images, and there are {len(data['train'][1]):,}; time fewer batches")
+    return data
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
+    try:
+        data = load_data(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     startup = time.perf_counter() - START
 
     print(f"device {utils.describe(device)}, {args.blocks} blocks, batch size {args.batch_size}, "

@@ -56,14 +56,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def int_at_least(minimum):
+    """An argparse type: a whole number, `minimum` or more."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
 def finite_float(text):
@@ -88,6 +94,23 @@ def non_negative_float(text):
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def resolve_device(parser, args):
+    """args.device (text) -> torch.device, and args.cuda_graph's default resolved;
+    a device this machine lacks, or options it cannot honour, end in parser.error.
+    Shared with bench.py, which has the same --device, --compile and --cuda-graph."""
+    if args.cuda_graph and args.compile:
+        parser.error("--cuda-graph and --compile cannot be combined; pick one")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if args.cuda_graph and args.device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device (--device cuda)")
+    args.cuda_graph = utils.use_cuda_graph(args.cuda_graph, args.device, args.compile)
 
 
 def parse_args(argv=None):
@@ -116,7 +139,7 @@ def parse_args(argv=None):
     parser.add_argument("--cutout", type=int, choices=range(0, 33), default=CUTOUT, metavar="0..32",
                         help="side of the random cutout square, 0 for none (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    parser.add_argument("--val-split", type=int, default=0, metavar="N",
+    parser.add_argument("--val-split", type=non_negative_int, default=0, metavar="N",
                         help="hold out N training images (the same N for every seed) and evaluate "
                              "on them instead of the test set, to choose hyperparameters "
                              "(default: 0, evaluate on the test set)")
@@ -148,20 +171,7 @@ def parse_args(argv=None):
                         help="train nothing: redraw the figures and results table of the runs "
                              "finished in OUT_DIR")
     args = parser.parse_args(argv)
-    if args.cuda_graph and args.compile:
-        parser.error("--cuda-graph and --compile cannot be combined; pick one")
-
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device: {args.device!r} is not a device; use cpu, cuda or cuda:N")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if args.cuda_graph and args.device.type != "cuda":
-        parser.error("--cuda-graph needs a CUDA device (--device cuda)")
-    if args.val_split < 0:
-        parser.error(f"--val-split must be 0 or more, got {args.val_split}")
-    args.cuda_graph = utils.use_cuda_graph(args.cuda_graph, args.device, args.compile)
+    resolve_device(parser, args)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     args.images_dir = args.images_dir or args.out_dir / "images"

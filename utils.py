@@ -303,7 +303,10 @@ def use_amp(requested, device):
     """
     if requested is not None:
         return requested
-    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+    # torch has no public test for the instructions; a torch without this private
+    # one trains in float32, which is never wrong, only slower.
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return device.type == "cpu" and has_bf16()
 
 
 def use_cuda_graph(requested, device, compiled):

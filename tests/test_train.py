@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import models
 import train
 import utils
@@ -276,9 +277,9 @@ def test_finished_run_is_never_overwritten_silently(run_args, tmp_path, capsys):
     assert json.loads((tmp_path / "out/ln/metrics.json").read_text())["seed"] == 1
 
 
-def one_line_error(capsys, argv):
+def one_line_error(capsys, argv, main=train.main):
     with pytest.raises(SystemExit) as stop:
-        train.main(argv)
+        main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -395,6 +396,11 @@ def test_amp_is_off_by_default_on_a_gpu():
     assert not utils.use_amp(None, torch.device("cuda"))
 
 
+def test_amp_is_off_by_default_where_torch_cannot_tell(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # private: may go in a later torch
+    assert not utils.use_amp(None, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("device, options, cuda_graph", [
     ("cuda", [], True), ("cuda", ["--no-cuda-graph"], False), ("cuda", ["--compile"], False),
     ("cpu", [], False), ("cpu", ["--no-cuda-graph"], False)])
@@ -458,6 +464,18 @@ def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
     for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
                 "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
         assert row in result.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batches", "0"], "--batches: must be at least 1"),
+    (["--workers", "-1"], "--workers: must be at least 0"),
+    (["--compile", "--cuda-graph"], "cannot be combined"),
+    (["--synthetic", "40"], "need 48 training images, and there are 40"),  # 3 warm-up batches of 16
+    (["--data-dir", "no-such-folder"], "no CIFAR-10 data in no-such-folder"),
+])
+def test_bench_bad_input_is_one_line(tmp_path, capsys, options, message):
+    argv = ["--batch-size", "16", "--batches", "2", "--cache-dir", str(tmp_path), *options]
+    assert message in one_line_error(capsys, argv, main=bench.main)
 
 
 def test_val_split_evaluates_on_held_out_training_images(run_args, tmp_path):
