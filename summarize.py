@@ -22,11 +22,12 @@ PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_ev
 
 # Options that older runs did not record, with the value those runs used: --blocks
 # (before it, plain blocks), --amp (before it was recorded, float32 unless the log's
-# command line says --amp), and the options of results/ablation/levers.patch and
-# schedule-flip-groups.patch, the experiments that were measured and not kept (their
-# defaults are the project's code).
+# command line says --amp), and the options of results/ablation/levers.patch,
+# schedule-flip-groups.patch and se-upsample-clean.patch, the experiments that were
+# measured and not kept (their defaults are the project's code).
 RECORDED_LATER = {"blocks": "plain", "amp": False, "activation": "relu", "ema": 0.0,
-                  "wd_all": 1, "gn_groups": 4, "whiten": 0, "warmup": 0.25, "alt_flip": False}
+                  "wd_all": 1, "gn_groups": 4, "whiten": 0, "warmup": 0.25, "alt_flip": False,
+                  "clean_last": 0}
 
 
 def recipe(metrics):
@@ -81,28 +82,31 @@ def changes(metrics, reference):
 
 
 def read_run_list(path):
-    """[(run, baseline or None)] from an ablation list: one 'RUN [BASELINE]' a line.
+    """[(run, baseline or None, note)] from an ablation list: one 'RUN [BASELINE] [-- NOTE]'
+    a line.
 
     Each name is a folder beside the list holding that run's metrics.json; a
-    baseline must be a run listed above it. '#' starts a comment.
+    baseline must be a run listed above it. NOTE names a change that the metrics
+    do not record (one a scratch patch made). '#' starts a comment.
     """
     if not path.is_file():
         sys.exit(f"summarize.py: error: no such run list: {path}")
     pairs = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
-        words = line.split("#")[0].split()
-        listed = [run for run, _ in pairs]
-        if len(words) > 2 or (len(words) == 2 and words[1] not in listed):
-            sys.exit(f"summarize.py: error: {path}:{number}: expected 'RUN [BASELINE]' "
+        runs, _, note = line.split("#")[0].partition(" -- ")
+        words = runs.split()
+        listed = [run for run, _, _ in pairs]
+        if len(words) > 2 or (len(words) == 2 and words[1] not in listed) or (note and not words):
+            sys.exit(f"summarize.py: error: {path}:{number}: expected 'RUN [BASELINE] [-- NOTE]' "
                      "with BASELINE a run listed above")
         if words:
-            pairs.append((words[0], words[1] if len(words) == 2 else None))
+            pairs.append((words[0], words[1] if len(words) == 2 else None, note.strip()))
     return pairs
 
 
 def ablation(list_path):
     pairs = read_run_list(list_path)
-    paths = {run: list_path.parent / run / "metrics.json" for run, _ in pairs}
+    paths = {run: list_path.parent / run / "metrics.json" for run, _, _ in pairs}
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         sys.exit(f"summarize.py: error: no such metrics file: {', '.join(missing)}")
@@ -110,13 +114,13 @@ def ablation(list_path):
     split = next(iter(runs.values()))["eval_split"]
     lines = [f"| run | against | change | {split} acc | gain | train acc (final weights) |",
              "|---|---|---|---:|---:|---:|"]
-    for run, baseline in pairs:
+    for run, baseline, note in pairs:
         metrics = runs[run]
         acc = 100 * metrics["test_acc"][-1]
         change, gain = "baseline", ""
         if baseline:
             reference = runs[baseline]
-            change = ", ".join(changes(metrics, reference)) or "none (a repeat)"
+            change = ", ".join([note] * bool(note) + changes(metrics, reference)) or "none (a repeat)"
             gain = f"{acc - 100 * reference['test_acc'][-1]:+.2f}"
         lines.append(f"| {run} | {baseline or ''} | {change} | {acc:.2f}% | {gain} "
                      f"| {100 * metrics['train_eval_acc']:.2f}% |")

@@ -79,9 +79,17 @@ def test_ablation_reads_a_patch_option_missing_from_older_runs_as_its_default(tm
         "| ema/bn | default/bn | ema 0.0 -> 0.999 | 79.00% | -4.60 | 82.00% |"]
 
 
-@pytest.mark.parametrize("text", ["a b c\n", "b a\na\n", "a\nb nope\n"])
+def test_ablation_shows_the_note_of_a_change_the_metrics_do_not_record(tmp_path, capsys):
+    write_run(tmp_path / "base", "bn", 0, 0.84)
+    write_run(tmp_path / "se", "bn", 0, 0.83, params=49634)
+    runs = write_list(tmp_path, "base/bn\nse/bn base/bn -- squeeze-excite in C8, C9  # patch\n")
+    assert ablation_rows(capsys, runs)[1] == (
+        "| se/bn | base/bn | squeeze-excite in C8, C9, params 49290 -> 49634 | 83.00% | -1.00 | 86.00% |")
+
+
+@pytest.mark.parametrize("text", ["a b c\n", "b a\na\n", "a\nb nope\n", "a\n -- a note alone\n"])
 def test_ablation_list_line_that_names_no_run_above_is_one_line_error(tmp_path, text):
-    with pytest.raises(SystemExit, match=":[12]: expected 'RUN \\[BASELINE\\]'"):
+    with pytest.raises(SystemExit, match=":[12]: expected 'RUN \\[BASELINE\\] \\[-- NOTE\\]'"):
         summarize.main(["--ablation", write_list(tmp_path, text)])
 
 
