@@ -86,8 +86,8 @@ def read_run_list(path):
     a line.
 
     Each name is a folder beside the list holding that run's metrics.json; a
-    baseline must be a run listed above it. NOTE names a change that the metrics
-    do not record (one a scratch patch made). '#' starts a comment.
+    baseline must be a run listed above it. NOTE, after a baseline, names a change
+    that the metrics do not record (one a scratch patch made). '#' starts a comment.
     """
     if not path.is_file():
         sys.exit(f"summarize.py: error: no such run list: {path}")
@@ -96,7 +96,7 @@ def read_run_list(path):
         runs, _, note = line.split("#")[0].partition(" -- ")
         words = runs.split()
         listed = [run for run, _, _ in pairs]
-        if len(words) > 2 or (len(words) == 2 and words[1] not in listed) or (note and not words):
+        if len(words) > 2 or (len(words) == 2 and words[1] not in listed) or (note and len(words) != 2):
             sys.exit(f"summarize.py: error: {path}:{number}: expected 'RUN [BASELINE] [-- NOTE]' "
                      "with BASELINE a run listed above")
         if words:
@@ -120,7 +120,8 @@ def ablation(list_path):
         change, gain = "baseline", ""
         if baseline:
             reference = runs[baseline]
-            change = ", ".join([note] * bool(note) + changes(metrics, reference)) or "none (a repeat)"
+            change = ", ".join(([note] if note else []) + changes(metrics, reference))
+            change = change or "none (a repeat)"
             gain = f"{acc - 100 * reference['test_acc'][-1]:+.2f}"
         lines.append(f"| {run} | {baseline or ''} | {change} | {acc:.2f}% | {gain} "
                      f"| {100 * metrics['train_eval_acc']:.2f}% |")

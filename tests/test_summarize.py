@@ -87,7 +87,8 @@ def test_ablation_shows_the_note_of_a_change_the_metrics_do_not_record(tmp_path,
         "| se/bn | base/bn | squeeze-excite in C8, C9, params 49290 -> 49634 | 83.00% | -1.00 | 86.00% |")
 
 
-@pytest.mark.parametrize("text", ["a b c\n", "b a\na\n", "a\nb nope\n", "a\n -- a note alone\n"])
+@pytest.mark.parametrize("text", ["a b c\n", "b a\na\n", "a\nb nope\n", "a\n -- a note alone\n",
+                                  "a -- a note without a baseline\n"])
 def test_ablation_list_line_that_names_no_run_above_is_one_line_error(tmp_path, text):
     with pytest.raises(SystemExit, match=":[12]: expected 'RUN \\[BASELINE\\] \\[-- NOTE\\]'"):
         summarize.main(["--ablation", write_list(tmp_path, text)])
