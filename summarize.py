@@ -17,7 +17,7 @@ from models import NORMS
 
 # What may differ between the runs of one recipe.
 PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
-           "epoch_seconds", "threads", "device", "processor", "torch", "cuda_graph"}
+           "epoch_seconds", "threads", "device", "processor", "torch", "cuda_graph", "resumed"}
 
 
 # Options that older runs did not record, with the value those runs used: --blocks

@@ -231,6 +231,12 @@ def restore(checkpoint, run, model, optimizer, scheduler, generator, path):
     return checkpoint["metrics"]
 
 
+def machine(device):
+    """What a run ran on, for its metrics: timings depend on it."""
+    return {"device": str(device), "processor": utils.processor_name(device),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def run_variant(norm, args, data, device):
     files = output_files(norm, args)
     check_not_clobbering(files, args)
@@ -259,10 +265,7 @@ def run_variant(norm, args, data, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
 
-    metrics = {**run, "params": params, "device": str(device),
-               "processor": utils.processor_name(device),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cuda_graph": args.cuda_graph,
+    metrics = {**run, "params": params, **machine(device), "cuda_graph": args.cuda_graph,
                "data_source": data["source"], "eval_split": data["eval_split"],
                "train_size": len(train_labels),
                "test_size": len(test_labels), "train_loss": [], "train_acc": [],
@@ -271,6 +274,10 @@ def run_variant(norm, args, data, device):
         metrics = restore(checkpoint, run, model, optimizer, scheduler, generator,
                           files["checkpoint"])
         print(f"resuming from epoch {len(metrics['train_loss'])} of {args.epochs}")
+        # The run's machine fields say where it started; its epoch_seconds from here
+        # on may come from another machine.
+        metrics.setdefault("resumed", []).append(
+            {"epoch": len(metrics["train_loss"]) + 1, **machine(device)})
     step_model = torch.compile(model) if args.compile else model
     step = utils.TrainStep(step_model, optimizer, train_images, train_labels, generator,
                            label_smoothing=args.label_smoothing, amp=run["amp"],

@@ -24,6 +24,7 @@ FILES = ["out/bn/metrics.json", "out/bn/model.pt", "out/bn/checkpoint.pt",
 def read_metrics(path):
     metrics = json.loads(path.read_text())
     metrics.pop("epoch_seconds")  # wall-clock time is the one thing allowed to differ
+    metrics.pop("resumed", None)  # where a resumed run went on
     return metrics
 
 
@@ -178,8 +179,14 @@ def test_resume_after_a_stop_ends_bit_identical(run_args, tmp_path, monkeypatch,
     assert not (tmp_path / "parts/bn/metrics.json").exists()
     monkeypatch.undo()
 
+    monkeypatch.setattr(utils, "processor_name", lambda device: "another CPU")
     train.main(run_args(*args, "--resume", out="parts"))
     assert_same_run(tmp_path / "parts/bn", tmp_path / "whole/bn")
+    metrics = json.loads((tmp_path / "parts/bn/metrics.json").read_text())
+    # The record keeps where the run started and says where it went on.
+    assert metrics["processor"] != "another CPU"
+    assert [(r["epoch"], r["processor"]) for r in metrics["resumed"]] == [(stop_after + 1, "another CPU")]
+    assert "resumed" not in json.loads((tmp_path / "whole/bn/metrics.json").read_text())
 
 
 def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(run_args, tmp_path):
