@@ -2,7 +2,7 @@
 
     python bench.py --data-dir ../shared/data/cifar10-jpg
 
-For each norm it times the same SGD steps fed three ways:
+For each norm it times the same training steps (its recipe's optimizer) fed three ways:
   project       cached uint8 tensors, augmentation on whole batches on the device
   limit         forward + backward + step on one pre-made batch: no data work at all
                 (also with model and batch in the other memory layout: NCHW on the CPU,
@@ -26,8 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import utils  # noqa: E402
 from models import ACTIVATIONS, BLOCKS, NORMS, Net  # noqa: E402
-from train import (ACTIVATION, BATCH_SIZE, BLOCKS_DEFAULT, Parser, non_negative_int,  # noqa: E402
-                   positive_int, resolve_device)
+from train import (ACTIVATION, BATCH_SIZE, BLOCKS_DEFAULT, OPTIMIZER, Parser,  # noqa: E402
+                   non_negative_int, positive_int, resolve_device)
 from utils import UserError  # noqa: E402
 
 EPOCH_IMAGES = 50_000
@@ -90,7 +90,7 @@ def timed(run, batches, batch_size, device):
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def bench_norm(norm, data, args, device, amp):
+def bench_norm(norm, data, args, device, amp, optimizer_name):
     """{pipeline: images/second}, the best of args.rounds interleaved rounds."""
     images, labels = data["train"]
     device_images, device_labels = images.to(device), labels.to(device)
@@ -101,7 +101,8 @@ def bench_norm(norm, data, args, device, amp):
         torch.manual_seed(0)
         model = Net(norm, args.blocks, activation=args.activation or ACTIVATION[norm])
         model = model.to(device, memory_format=memory_format)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        optimizer = utils.make_optimizer(model, optimizer_name, lr=0.01, momentum=0.9,
+                                         weight_decay=0.0, muon_lr=0.01)
         return (torch.compile(model) if args.compile else model), optimizer
 
     layout = utils.memory_format(device)
@@ -174,6 +175,8 @@ def parse_args(argv=None):
                         help="default: %(default)s, as train.py")
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="default: per norm, as train.py")
+    parser.add_argument("--optimizer", choices=("sgd", "muon"),
+                        help="default: per norm, as train.py")
     parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--eval-batch-sizes", type=positive_int, nargs="+", default=[1000, 250],
@@ -235,14 +238,15 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|")
     amp = utils.use_amp(args.amp, device)
     for norm in NORMS if args.norm == "all" else [args.norm]:
-        rows = bench_norm(norm, data, args, device, amp)
+        optimizer_name = args.optimizer or OPTIMIZER[norm]
+        rows = bench_norm(norm, data, args, device, amp, optimizer_name)
         for name, speed in rows.items():
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
                   f"| {rows['project'] / speed:.2f} |", flush=True)
         best = max((k for k in rows if k.startswith("dataloader")), key=rows.get)
         print(f"| {norm} | time project/limit **{rows['limit'] / rows['project']:.2f}**, "
               f"{best}/project **{rows['project'] / rows[best]:.2f}**, "
-              f"{'bfloat16' if amp else 'float32'} | | | |", flush=True)
+              f"{'bfloat16' if amp else 'float32'}, {optimizer_name} | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,13 @@ class Net(nn.Module):
         self.gap = GlobalAvgPool()
         self.conv10 = nn.Conv2d(w789, 10, 1)
 
+    def normalized_filters(self):
+        """The conv weights of C1 to C9, c3 and c6: all but C10's (the logits). Each
+        feeds a norm through nothing but max-pools and other convs, which carry a change
+        of the weight's scale straight through to the norm, and the norm undoes it: the
+        net's output does not depend on these weights' scale. utils.Muon relies on it."""
+        return [m.weight for m in self.modules() if isinstance(m, nn.Conv2d) and m is not self.conv10]
+
     def forward(self, x):
         x = self.pool1(self.trans3(self.conv2(self.conv1(x))))
         x = self.conv3(x)

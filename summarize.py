@@ -22,12 +22,14 @@ PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_ev
 
 # Options that older runs did not record, with the value those runs used: --blocks
 # (before it, plain blocks), --amp (before it was recorded, float32 unless the log's
-# command line says --amp), and the options of results/ablation/levers.patch,
-# schedule-flip-groups.patch, se-upsample-clean.patch and cosine-kaiming.patch, the
-# experiments that were measured and not kept (their defaults are the project's code).
+# command line says --amp), --optimizer (before it, SGD, hence no Muon learning rate),
+# and the options of results/ablation/levers.patch, schedule-flip-groups.patch,
+# se-upsample-clean.patch and cosine-kaiming.patch, the experiments that were measured
+# and not kept (their defaults are the project's code).
 RECORDED_LATER = {"blocks": "plain", "amp": False, "activation": "relu", "ema": 0.0,
                   "wd_all": 1, "gn_groups": 4, "whiten": 0, "warmup": 0.25, "alt_flip": False,
-                  "clean_last": 0, "decay": "linear", "init": "default"}
+                  "clean_last": 0, "decay": "linear", "init": "default",
+                  "optimizer": "sgd", "muon_lr": None}
 
 
 def recipe(metrics):

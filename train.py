@@ -36,13 +36,18 @@ LR = 0.1                # peak of the one-cycle schedule
 # LN (+0.49 on the mean) and GN (+0.31), and lost 0.20 with BN; see README, "Ablation".
 MOMENTUM = {"bn": 0.9, "ln": 0.95, "gn": 0.95}
 WEIGHT_DECAY = 5e-4
+# The optimizer, per norm: "muon" trains the convs that a norm follows with Muon at
+# MUON_LR (utils.Muon), the rest with the SGD above; "sgd" trains everything with SGD.
+OPTIMIZER = {"bn": "muon", "ln": "sgd", "gn": "sgd"}
+MUON_LR = 0.03          # peak of the one-cycle schedule, for the Muon weights
 LABEL_SMOOTHING = 0.1
 TRANSLATE = 4           # pixels of random shift each way
 CUTOUT = 0              # side of the cutout square; 0 = off
 
 # The options a checkpoint must share with the run that resumes it.
 RUN_OPTIONS = ("norm", "blocks", "activation", "epochs", "batch_size", "lr", "momentum",
-               "weight_decay", "label_smoothing", "translate", "cutout", "seed", "val_split", "amp")
+               "optimizer", "muon_lr", "weight_decay", "label_smoothing", "translate", "cutout",
+               "seed", "val_split", "amp")
 
 
 # ----------------------------------------------------------------------------
@@ -129,8 +134,14 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=positive_float, default=LR,
                         help="peak learning rate of the one-cycle schedule (default: %(default)s)")
     parser.add_argument("--momentum", type=non_negative_float,
-                        help="SGD's Nesterov momentum (default: per norm, "
+                        help="Nesterov momentum, of SGD and Muon (default: per norm, "
                              + ", ".join(f"{norm} {m}" for norm, m in MOMENTUM.items()) + ")")
+    parser.add_argument("--optimizer", choices=("sgd", "muon"),
+                        help="muon: Muon for the convs that a norm follows, SGD for the rest; "
+                             "sgd: SGD for all (default: per norm, "
+                             + ", ".join(f"{norm} {o}" for norm, o in OPTIMIZER.items()) + ")")
+    parser.add_argument("--muon-lr", type=positive_float, default=MUON_LR,
+                        help="peak learning rate of the Muon weights (default: %(default)s)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=WEIGHT_DECAY, help="default: %(default)s")
     parser.add_argument("--label-smoothing", type=non_negative_float, default=LABEL_SMOOTHING,
                         help="default: %(default)s")
@@ -203,9 +214,11 @@ def check_not_clobbering(files, args):
 
 def run_options(norm, args):
     """The options of one variant's run, the per-norm and per-device defaults resolved."""
+    optimizer = OPTIMIZER[norm] if args.optimizer is None else args.optimizer
     return {key: getattr(args, key) for key in RUN_OPTIONS} | {
         "norm": norm, "amp": utils.use_amp(args.amp, args.device),
         "momentum": MOMENTUM[norm] if args.momentum is None else args.momentum,
+        "optimizer": optimizer, "muon_lr": args.muon_lr if optimizer == "muon" else None,
         "activation": ACTIVATION[norm] if args.activation is None else args.activation}
 
 
@@ -259,8 +272,8 @@ def run_variant(norm, args, data, device):
     train_images, train_labels = (t.to(device) for t in data["train"])
     test_images, test_labels = (t.to(device) for t in data["test"])
     steps_per_epoch = math.ceil(len(train_labels) / args.batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=run["momentum"],
-                                nesterov=run["momentum"] > 0, weight_decay=args.weight_decay)
+    optimizer = utils.make_optimizer(model, run["optimizer"], args.lr, run["momentum"],
+                                     args.weight_decay, run["muon_lr"])
     scheduler = utils.one_cycle(optimizer, args.epochs * steps_per_epoch)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)

@@ -52,6 +52,8 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         assert f"{activation}-3 " in out.split(f"=== {norm.upper()}:")[1]  # in its summary
         checkpoint = torch.load(tmp_path / "out" / norm / "checkpoint.pt", weights_only=False)
         assert metrics["momentum"] == checkpoint["optimizer"]["param_groups"][0]["momentum"] == momentum
+        assert metrics["optimizer"] == {"bn": "muon", "ln": "sgd", "gn": "sgd"}[norm]  # train.OPTIMIZER
+        assert len(checkpoint["optimizer"]["param_groups"]) == (2 if norm == "bn" else 1)
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
             assert len(metrics[key]) == 2
         assert metrics["train_size"] == 80 and metrics["test_size"] == 20
@@ -85,12 +87,12 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
     assert accuracy >= 0.8  # chance is 0.1: mixed-up labels could not get here
 
 
-def tiny_step(device="cpu", cuda_graph=False):
+def tiny_step(device="cpu", cuda_graph=False, optimizer="sgd"):
     """A TrainStep on 32 random images, its model and its optimizer."""
     torch.manual_seed(0)
     model = train.Net("bn").to(device, memory_format=utils.memory_format(device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4)
+    optimizer = utils.make_optimizer(model, optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                     muon_lr=0.03)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (32,), device=device)
     generator = torch.Generator(device).manual_seed(0)
@@ -98,27 +100,73 @@ def tiny_step(device="cpu", cuda_graph=False):
                            cuda_graph=cuda_graph), model, optimizer
 
 
-def test_cuda_graph_step_keeps_the_learning_rate_where_the_scheduler_updates_it():
+@pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
+def test_cuda_graph_step_keeps_the_learning_rate_where_the_scheduler_updates_it(optimizer_name):
     """A graph replays the values it was captured with: the learning rate must be a
-    tensor that the scheduler fills in place, and what the fused SGD kernel reads
-    from it must be the update plain SGD makes with the number."""
-    plain, plain_model, _ = tiny_step()
-    graphed, graphed_model, optimizer = tiny_step(cuda_graph=True)  # built on the CPU here
-    lr = optimizer.param_groups[0]["lr"]
-    assert isinstance(lr, torch.Tensor) and optimizer.param_groups[0]["fused"]
-    scheduler = utils.one_cycle(optimizer, total_steps=8)  # up to 0.1 at step 2, then down
+    tensor that the scheduler fills in place, and what the optimizer (the fused SGD
+    kernel, or Muon) reads from it must be the update it makes with the number."""
+    plain, plain_model, _ = tiny_step(optimizer=optimizer_name)
+    graphed, graphed_model, optimizer = tiny_step(cuda_graph=True, optimizer=optimizer_name)
+    lrs = [group["lr"] for group in optimizer.param_groups]  # built on the CPU here
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs) and optimizer.param_groups[0]["fused"]
+    scheduler = utils.one_cycle(optimizer, total_steps=8)  # up to the peak at step 2, then down
     plain_scheduler = utils.one_cycle(plain.optimizer, total_steps=8)
-    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0
+    assert all(lr.item() == 0 for lr in lrs)
     for _ in range(4):
         index = torch.arange(16)
         plain.step(index)  # the computation a graph captures, run eagerly
         graphed.step(index)
         scheduler.step()
         plain_scheduler.step()
-    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.1 * 2 / 3)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        assert group["lr"] is lr and lr.item() == pytest.approx(group["initial_lr"] * 2 / 3)
     for a, b in zip(plain_model.parameters(), graphed_model.parameters()):
         torch.testing.assert_close(a, b)
     assert not torch.equal(next(graphed_model.parameters()), next(tiny_step()[1].parameters()))
+
+
+@pytest.mark.parametrize("shape", [(64, 9), (9, 64), (96, 96)])
+def test_orthogonalize_gives_the_polar_factor_roughly(shape):
+    """U V^T of the SVD U S V^T, with S's values anywhere from 0.01 to 1 of the largest:
+    all singular values come out near 1 (the quintic iteration stops short of exactly 1)."""
+    torch.manual_seed(0)
+    rank = min(shape)
+    u = torch.linalg.qr(torch.randn(shape[0], rank))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], rank))[0]
+    matrix = 5 * u @ torch.diag(torch.logspace(-2, 0, rank)) @ v.T
+    result = utils.orthogonalize(matrix)
+    singular_values = torch.linalg.svdvals(result)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25
+    polar = u @ v.T
+    assert (result * polar).sum() / (result.norm() * polar.norm()) > 0.98
+
+
+def test_muon_turns_the_normalized_filters_and_gives_the_rest_sgds_step():
+    torch.manual_seed(0)
+    model = train.Net("bn", "separable")
+    filters = model.normalized_filters()
+    assert len(filters) == 16  # C1, C2, c3, c6, and two in each of C3-C5 and C7-C9: not C10
+    assert not any(f is model.conv10.weight for f in filters)
+    twin = train.Net("bn", "separable")
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for net in (model, twin):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    start = [(f.detach().clone(), f.grad.clone()) for f in filters]
+    utils.make_optimizer(model, "muon", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
+    utils.make_optimizer(twin, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
+    # A filter: scaled to norm sqrt(rows), then moved against its orthogonalized
+    # Nesterov momentum, (1 + 0.9) x the gradient in a first step, at lr 0.03.
+    for weight, (before, grad) in zip(filters, start):
+        rows = len(weight)
+        turn = utils.orthogonalize(1.9 * grad.reshape(rows, -1)).view_as(grad)
+        torch.testing.assert_close(weight, before * rows ** 0.5 / before.norm() - 0.03 * turn)
+    # The rest (the norms' weights and biases, C10) took SGD's step.
+    rest = [(a, b) for a, b in zip(model.parameters(), twin.parameters())
+            if not any(a is f for f in filters)]
+    assert len(rest) == len(list(model.parameters())) - 16
+    for a, b in rest:
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("from_graph", [False, True])
@@ -303,6 +351,8 @@ def one_line_error(capsys, argv, main=train.main):
     ("--lr", "-0.1", "must be above 0"),
     ("--lr", "0", "must be above 0"),
     ("--lr", "nan", "must be a finite number"),
+    ("--muon-lr", "0", "must be above 0"),
+    ("--optimizer", "adam", "invalid choice: 'adam'"),
     ("--device", "gpu7", "not a device"),
 ])
 def test_bad_option_is_one_line_and_exit_code_2(run_args, capsys, option, value, message):
@@ -366,6 +416,16 @@ def test_checkpoint_with_other_options_is_refused(run_args, tmp_path, capsys):
     os.remove(tmp_path / "out/bn/metrics.json")
     err = one_line_error(capsys, [*run_args("--norm", "bn", "--lr", "0.01"), "--resume"])
     assert f"lr={train.LR}" in err  # names the option that differs, with the checkpoint's value
+
+
+def test_optimizer_is_chosen_per_norm_and_the_option_overrides_it():
+    runs = [train.run_options(norm, train.parse_args([])) for norm in ("bn", "ln", "gn")]
+    assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [
+        ("muon", train.MUON_LR), ("sgd", None), ("sgd", None)]  # no Muon lr where no Muon
+    args = train.parse_args(["--optimizer", "muon", "--muon-lr", "0.05"])
+    assert [train.run_options(norm, args)["muon_lr"] for norm in ("bn", "ln", "gn")] == [0.05] * 3
+    args = train.parse_args(["--optimizer", "sgd"])
+    assert {train.run_options(norm, args)["optimizer"] for norm in ("bn", "ln", "gn")} == {"sgd"}
 
 
 def test_momentum_option_overrides_every_norms_default():
@@ -459,8 +519,9 @@ def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
     assert other_loss == pytest.approx(loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("options", [[], pytest.param(["--device", "cuda", "--cuda-graph"],
-                                                     marks=NEEDS_CUDA, id="cuda_graph")])
+@pytest.mark.parametrize("options", [[], pytest.param(["--optimizer", "muon"], id="muon"),
+                                     pytest.param(["--device", "cuda", "--cuda-graph"],
+                                                  marks=NEEDS_CUDA, id="cuda_graph")])
 def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--synthetic", "64",
                              "--batch-size", "16", "--batches", "2", "--rounds", "1", "--workers", "0",
@@ -471,6 +532,8 @@ def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
     for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
                 "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
         assert row in result.stdout
+    optimizer = "muon" if "muon" in options else "sgd"  # LN's own: train.OPTIMIZER
+    assert re.search(rf"dataloader-0/project \*\*[0-9.]+\*\*, \w+, {optimizer} \|", result.stdout)
 
 
 @pytest.mark.parametrize("options, message", [
