@@ -175,7 +175,7 @@ def parse_args(argv=None):
                         help="default: %(default)s, as train.py")
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="default: per norm, as train.py")
-    parser.add_argument("--optimizer", choices=("sgd", "muon"),
+    parser.add_argument("--optimizer", choices=utils.OPTIMIZERS,
                         help="default: per norm, as train.py")
     parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")

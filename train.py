@@ -136,7 +136,7 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=non_negative_float,
                         help="Nesterov momentum, of SGD and Muon (default: per norm, "
                              + ", ".join(f"{norm} {m}" for norm, m in MOMENTUM.items()) + ")")
-    parser.add_argument("--optimizer", choices=("sgd", "muon"),
+    parser.add_argument("--optimizer", choices=utils.OPTIMIZERS,
                         help="muon: Muon for the convs that a norm follows, SGD for the rest; "
                              "sgd: SGD for all (default: per norm, "
                              + ", ".join(f"{norm} {o}" for norm, o in OPTIMIZER.items()) + ")")

@@ -374,10 +374,15 @@ class Muon(torch.optim.Optimizer):
                 p.sub_(update * group["lr"])  # lr: a number, or a tensor (CUDA graphs)
 
 
+OPTIMIZERS = ("sgd", "muon")
+
+
 def make_optimizer(model, name, lr, momentum, weight_decay, muon_lr):
     """name "sgd": SGD with Nesterov momentum for all weights. "muon": Muon, at
     learning rate muon_lr, for the weights model.normalized_filters() names, and
     the same SGD as "sgd" for the rest."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                nesterov=momentum > 0, weight_decay=weight_decay)

@@ -141,6 +141,12 @@ def test_orthogonalize_gives_the_polar_factor_roughly(shape):
     assert (result * polar).sum() / (result.norm() * polar.norm()) > 0.98
 
 
+def test_make_optimizer_refuses_an_unknown_name():
+    with pytest.raises(ValueError, match="sgd, muon"):
+        utils.make_optimizer(train.Net("bn"), "adam", lr=0.1, momentum=0.9, weight_decay=0.0,
+                             muon_lr=0.03)
+
+
 def test_muon_turns_the_normalized_filters_and_gives_the_rest_sgds_step():
     torch.manual_seed(0)
     model = train.Net("bn", "separable")
