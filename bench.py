@@ -175,8 +175,8 @@ def parse_args(argv=None):
                         help="default: %(default)s, as train.py")
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="default: per norm, as train.py")
-    parser.add_argument("--optimizer", choices=utils.OPTIMIZERS,
-                        help="default: per norm, as train.py")
+    parser.add_argument("--optimizer", choices=utils.OPTIMIZERS, default=OPTIMIZER,
+                        help="default: %(default)s, as train.py")
     parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--eval-batch-sizes", type=positive_int, nargs="+", default=[1000, 250],
@@ -238,15 +238,14 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|")
     amp = utils.use_amp(args.amp, device)
     for norm in NORMS if args.norm == "all" else [args.norm]:
-        optimizer_name = args.optimizer or OPTIMIZER[norm]
-        rows = bench_norm(norm, data, args, device, amp, optimizer_name)
+        rows = bench_norm(norm, data, args, device, amp, args.optimizer)
         for name, speed in rows.items():
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
                   f"| {rows['project'] / speed:.2f} |", flush=True)
         best = max((k for k in rows if k.startswith("dataloader")), key=rows.get)
         print(f"| {norm} | time project/limit **{rows['limit'] / rows['project']:.2f}**, "
               f"{best}/project **{rows['project'] / rows[best]:.2f}**, "
-              f"{'bfloat16' if amp else 'float32'}, {optimizer_name} | | | |", flush=True)
+              f"{'bfloat16' if amp else 'float32'}, {args.optimizer} | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from models import (ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, ConvBlock, GlobalAvgPool, Net,
-                    count_parameters)
+from models import (ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, ConvBlock, GlobalAvgPool, GroupNorm,
+                    Net, count_parameters)
 
 
 @pytest.mark.parametrize("blocks", BLOCKS)
@@ -100,10 +101,12 @@ def test_global_avg_pool_averages_every_position():
     torch.testing.assert_close(GlobalAvgPool()(x), x.mean((2, 3), keepdim=True))
 
 
+@pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("norm", NORMS)
-def test_backward_keeps_channels_last_gradients(norm):
+def test_backward_keeps_channels_last_gradients(norm, amp):
     # Mixed layouts make PyTorch's activation backward kernels several times
     # slower on the CPU; nn.AdaptiveAvgPool2d(1) as the GAP sent NCHW gradients to C7-C9.
+    # In bfloat16, GN's C1 and C2 normalize in NCHW and must come back (GroupNorm).
     model = Net(norm, "separable", activation="gelu").to(memory_format=torch.channels_last)
     layouts = {}
 
@@ -117,5 +120,29 @@ def test_backward_keeps_channels_last_gradients(norm):
         if isinstance(module, ConvBlock):
             module.register_forward_hook(record_gradient_layout(name))
     x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
-    model(x).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        output = model(x)
+    output.float().sum().backward()
     assert len(layouts) == 8 and all(layouts.values()), layouts
+
+
+def test_group_norm_takes_small_bfloat16_groups_through_nchw(monkeypatch):
+    # PyTorch's channels_last kernel is 5-10x slower for them; the others run as they come.
+    nchw_inputs = []
+    group_norm = F.group_norm
+    monkeypatch.setattr(F, "group_norm", lambda x, *args: nchw_inputs.append(x.is_contiguous())
+                        or group_norm(x, *args))
+    for groups, dtype, through_nchw in ((4, torch.bfloat16, True), (1, torch.bfloat16, False),
+                                        (4, torch.float32, False)):
+        x = torch.randn(2, 16, 8, 8, dtype=dtype).to(memory_format=torch.channels_last)
+        norm = GroupNorm(groups, 16)
+        nn.init.normal_(norm.weight)
+        nchw_inputs.clear()
+        y = norm(x.requires_grad_())
+        assert nchw_inputs == [through_nchw]
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        expected = group_norm(x, groups, norm.weight, norm.bias)
+        torch.testing.assert_close(y, expected)
+        gradient = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, gradient),
+                                   torch.autograd.grad(expected, x, gradient))

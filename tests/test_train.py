@@ -52,8 +52,8 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         assert f"{activation}-3 " in out.split(f"=== {norm.upper()}:")[1]  # in its summary
         checkpoint = torch.load(tmp_path / "out" / norm / "checkpoint.pt", weights_only=False)
         assert metrics["momentum"] == checkpoint["optimizer"]["param_groups"][0]["momentum"] == momentum
-        assert metrics["optimizer"] == {"bn": "muon", "ln": "sgd", "gn": "sgd"}[norm]  # train.OPTIMIZER
-        assert len(checkpoint["optimizer"]["param_groups"]) == (2 if norm == "bn" else 1)
+        assert metrics["optimizer"] == "muon"  # train.OPTIMIZER
+        assert len(checkpoint["optimizer"]["param_groups"]) == 2  # Muon's and SGD's
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
             assert len(metrics[key]) == 2
         assert metrics["train_size"] == 80 and metrics["test_size"] == 20
@@ -424,14 +424,14 @@ def test_checkpoint_with_other_options_is_refused(run_args, tmp_path, capsys):
     assert f"lr={train.LR}" in err  # names the option that differs, with the checkpoint's value
 
 
-def test_optimizer_is_chosen_per_norm_and_the_option_overrides_it():
+def test_optimizer_defaults_to_muon_and_the_option_overrides_it():
     runs = [train.run_options(norm, train.parse_args([])) for norm in ("bn", "ln", "gn")]
-    assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [
-        ("muon", train.MUON_LR), ("sgd", None), ("sgd", None)]  # no Muon lr where no Muon
-    args = train.parse_args(["--optimizer", "muon", "--muon-lr", "0.05"])
+    assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [("muon", train.MUON_LR)] * 3
+    args = train.parse_args(["--muon-lr", "0.05"])
     assert [train.run_options(norm, args)["muon_lr"] for norm in ("bn", "ln", "gn")] == [0.05] * 3
-    args = train.parse_args(["--optimizer", "sgd"])
-    assert {train.run_options(norm, args)["optimizer"] for norm in ("bn", "ln", "gn")} == {"sgd"}
+    args = train.parse_args(["--optimizer", "sgd", "--muon-lr", "0.05"])
+    assert {(train.run_options(norm, args)["optimizer"], train.run_options(norm, args)["muon_lr"])
+            for norm in ("bn", "ln", "gn")} == {("sgd", None)}  # no Muon lr where no Muon
 
 
 def test_momentum_option_overrides_every_norms_default():
@@ -525,7 +525,7 @@ def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
     assert other_loss == pytest.approx(loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("options", [[], pytest.param(["--optimizer", "muon"], id="muon"),
+@pytest.mark.parametrize("options", [[], pytest.param(["--optimizer", "sgd"], id="sgd"),
                                      pytest.param(["--device", "cuda", "--cuda-graph"],
                                                   marks=NEEDS_CUDA, id="cuda_graph")])
 def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
@@ -538,7 +538,7 @@ def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
     for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
                 "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
         assert row in result.stdout
-    optimizer = "muon" if "muon" in options else "sgd"  # LN's own: train.OPTIMIZER
+    optimizer = "sgd" if "sgd" in options else "muon"  # the default: train.OPTIMIZER
     assert re.search(rf"dataloader-0/project \*\*[0-9.]+\*\*, \w+, {optimizer} \|", result.stdout)
 
 
