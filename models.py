@@ -37,9 +37,9 @@ class GroupNorm(nn.GroupNorm):
     fewer than 16 channels (GN's C1 and C2) in NCHW order, then hands the result
     back in channels_last.
 
-    PyTorch's CPU kernel for that case, the backward pass in particular, is 5-10x
-    slower than its NCHW kernel (results/speed/gn-layout/); two copies cost far
-    less. Other cases are as fast in either layout and run as they come.
+    PyTorch's CPU kernels for that case, the backward pass in particular, take
+    about 7x as long as its NCHW kernels (results/speed/gn-layout/); the two copies
+    cost less than the difference. Other cases run as they come.
     """
 
     def forward(self, x):
