@@ -90,7 +90,7 @@ def timed(run, batches, batch_size, device):
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def bench_norm(norm, data, args, device, amp, optimizer_name):
+def bench_norm(norm, data, args, device, amp):
     """{pipeline: images/second}, the best of args.rounds interleaved rounds."""
     images, labels = data["train"]
     device_images, device_labels = images.to(device), labels.to(device)
@@ -101,7 +101,7 @@ def bench_norm(norm, data, args, device, amp, optimizer_name):
         torch.manual_seed(0)
         model = Net(norm, args.blocks, activation=args.activation or ACTIVATION[norm])
         model = model.to(device, memory_format=memory_format)
-        optimizer = utils.make_optimizer(model, optimizer_name, lr=0.01, momentum=0.9,
+        optimizer = utils.make_optimizer(model, args.optimizer, lr=0.01, momentum=0.9,
                                          weight_decay=0.0, muon_lr=0.01)
         return (torch.compile(model) if args.compile else model), optimizer
 
@@ -238,7 +238,7 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|")
     amp = utils.use_amp(args.amp, device)
     for norm in NORMS if args.norm == "all" else [args.norm]:
-        rows = bench_norm(norm, data, args, device, amp, args.optimizer)
+        rows = bench_norm(norm, data, args, device, amp)
         for name, speed in rows.items():
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
                   f"| {rows['project'] / speed:.2f} |", flush=True)

@@ -430,8 +430,9 @@ def test_optimizer_defaults_to_muon_and_the_option_overrides_it():
     args = train.parse_args(["--muon-lr", "0.05"])
     assert [train.run_options(norm, args)["muon_lr"] for norm in ("bn", "ln", "gn")] == [0.05] * 3
     args = train.parse_args(["--optimizer", "sgd", "--muon-lr", "0.05"])
-    assert {(train.run_options(norm, args)["optimizer"], train.run_options(norm, args)["muon_lr"])
-            for norm in ("bn", "ln", "gn")} == {("sgd", None)}  # no Muon lr where no Muon
+    runs = [train.run_options(norm, args) for norm in ("bn", "ln", "gn")]
+    # No Muon lr where no Muon.
+    assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [("sgd", None)] * 3
 
 
 def test_momentum_option_overrides_every_norms_default():
