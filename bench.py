@@ -11,8 +11,9 @@ For each norm it times the same training steps (its recipe's optimizer) fed thre
                 RandomHorizontalFlip, ToTensor, Normalize, DataLoader with N workers
   eval-B        no training: utils.test (inference mode) on as many images, in batches of B
 and prints images/second, seconds per 50k-image epoch and the time ratios
-project/limit (the data pipeline's overhead) and dataloader/project (the
-speed-up over the conventional pipeline, fastest worker count).
+project/limit (the data pipeline's overhead), dataloader/project (the speed-up
+over the conventional pipeline, fastest worker count) and dataloader/limit (the
+most that any data pipeline could gain over it with this network).
 """
 import time
 
@@ -244,7 +245,8 @@ def main(argv=None):
                   f"| {rows['project'] / speed:.2f} |", flush=True)
         best = max((k for k in rows if k.startswith("dataloader")), key=rows.get)
         print(f"| {norm} | time project/limit **{rows['limit'] / rows['project']:.2f}**, "
-              f"{best}/project **{rows['project'] / rows[best]:.2f}**, "
+              f"{best}/project **{rows['project'] / rows[best]:.2f}** "
+              f"(at most {best}/limit **{rows['limit'] / rows[best]:.2f}**), "
               f"{'bfloat16' if amp else 'float32'}, {args.optimizer} | | | |", flush=True)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import summarize
 import utils
 from models import ACTIVATIONS, BLOCKS, NORMS, Net, count_parameters
 from utils import UserError
@@ -343,9 +344,10 @@ def redraw_variant(norm, args, data, device):
     if not files["metrics"].exists():
         return
     metrics = json.loads(files["metrics"].read_text())
-    # The run's own blocks and activation, whatever the options say now; runs made
-    # before those options: plain blocks, ReLU.
-    model = Net(norm, metrics.get("blocks", "plain"), activation=metrics.get("activation", "relu"))
+    # The run's own blocks and activation, whatever the options say now (and for runs
+    # made before those options, what they used then).
+    recipe = summarize.recipe(metrics)
+    model = Net(norm, recipe["blocks"], activation=recipe["activation"])
     model = model.to(device, memory_format=utils.memory_format(device))
     model.load_state_dict(torch.load(files["model"], map_location=device))
     draw_figures(model, metrics, files, *(t.to(device) for t in data["test"]))

@@ -540,7 +540,15 @@ def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
                 "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
         assert row in result.stdout
     optimizer = "sgd" if "sgd" in options else "muon"  # the default: train.OPTIMIZER
-    assert re.search(rf"dataloader-0/project \*\*[0-9.]+\*\*, \w+, {optimizer} \|", result.stdout)
+    summary = re.search(r"dataloader-0/project \*\*[0-9.]+\*\* "
+                        rf"\(at most dataloader-0/limit \*\*([0-9.]+)\*\*\), \w+, {optimizer} \|",
+                        result.stdout)
+    assert summary
+    # The ceiling is the limit's speed over the DataLoader's (rows rounded to whole images/s).
+    speed = {name: float(re.search(rf"\| ln \| {name} \| ([0-9,]+) \|", result.stdout)
+                         .group(1).replace(",", "")) for name in ("limit", "dataloader-0")}
+    assert float(summary.group(1)) == pytest.approx(speed["limit"] / speed["dataloader-0"],
+                                                    rel=0.01, abs=0.01)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -576,11 +584,19 @@ def test_val_split_holds_out_the_same_images_whatever_the_seed(image_folder, tmp
     assert not any(bytes(x.numpy()) in train_set for x in a["test"][0])
 
 
-@pytest.mark.parametrize("activation, module", [("relu", torch.nn.ReLU), ("gelu", torch.nn.GELU)])
-def test_plots_only_redraws_figures_without_training(activation, module, run_args, tmp_path, capsys,
-                                                     monkeypatch):
+@pytest.mark.parametrize("activation, module, recorded", [
+    ("relu", torch.nn.ReLU, True), ("gelu", torch.nn.GELU, True),
+    # A run made before --blocks and --activation existed: plain blocks and ReLU then.
+    pytest.param("relu", torch.nn.ReLU, False, id="older-run")])
+def test_plots_only_redraws_figures_without_training(activation, module, recorded, run_args, tmp_path,
+                                                     capsys, monkeypatch):
     train.main(run_args("--norm", "gn", "--blocks", "plain", "--activation", activation))
-    metrics_before = (tmp_path / "out/gn/metrics.json").read_text()
+    metrics_file = tmp_path / "out/gn/metrics.json"
+    if not recorded:
+        metrics = json.loads(metrics_file.read_text())
+        del metrics["blocks"], metrics["activation"]
+        metrics_file.write_text(json.dumps(metrics))
+    metrics_before = metrics_file.read_text()
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         (tmp_path / "out/images" / name).unlink()
     capsys.readouterr()
@@ -597,7 +613,7 @@ def test_plots_only_redraws_figures_without_training(activation, module, run_arg
     assert model.conv3[0].groups == 1 and isinstance(model.conv3[-1], module)
     for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
         assert (tmp_path / "out/images" / name).stat().st_size > 0
-    assert (tmp_path / "out/gn/metrics.json").read_text() == metrics_before
+    assert metrics_file.read_text() == metrics_before
 
 
 def test_plots_only_without_a_finished_run_is_one_line(run_args, capsys):
