@@ -269,19 +269,26 @@ def autocast(device, enabled):
 
 
 def processor_name(device):
-    """What `device` is, for the record: e.g. "AMD EPYC" or "NVIDIA H100 80GB HBM3".
+    """What `device` is, for the record: e.g. "AMD EPYC (family 26, model 2)" or
+    "NVIDIA H100 80GB HBM3".
 
     Timings and the bfloat16 default depend on it, and the same 2-core machine
-    has not always had the same processor.
+    has not always had the same processor. Some hosts give the CPU's brand only
+    ("AMD EPYC"), so its family and model are added: they tell generations apart.
     """
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
+            first_cpu = cpuinfo.read().split("\n\n")[0]
+    except OSError:
+        first_cpu = ""
+    fields = dict(map(str.strip, line.split(":", 1)) for line in first_cpu.splitlines() if ":" in line)
+    if "model name" not in fields:
         return platform.processor() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    return fields["model name"]
 
 
 def describe(device):

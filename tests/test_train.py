@@ -489,6 +489,13 @@ def test_processor_name_is_the_cpu_model(monkeypatch):
     assert utils.processor_name(torch.device("cpu")) == "Test CPU 9000"
 
 
+def test_processor_name_adds_the_first_cpus_family_and_model(monkeypatch):
+    cpu = "processor\t: {}\ncpu family\t: 26\nmodel\t\t: {}\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n"
+    cpuinfo = cpu.format(0, 2) + "\n" + cpu.format(1, 17)
+    monkeypatch.setattr(utils, "open", lambda path: io.StringIO(cpuinfo), raising=False)
+    assert utils.processor_name(torch.device("cpu")) == "AMD EPYC (family 26, model 2)"
+
+
 def test_processor_name_without_proc_cpuinfo(monkeypatch):
     def missing(path):
         raise FileNotFoundError(path)
