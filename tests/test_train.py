@@ -54,6 +54,8 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         assert metrics["momentum"] == checkpoint["optimizer"]["param_groups"][0]["momentum"] == momentum
         assert metrics["optimizer"] == "muon"  # train.OPTIMIZER
         assert len(checkpoint["optimizer"]["param_groups"]) == 2  # Muon's and SGD's
+        muon_lr = {"bn": 0.03, "ln": 0.015, "gn": 0.03}[norm]  # per norm, see train.MUON_LR
+        assert metrics["muon_lr"] == checkpoint["optimizer"]["param_groups"][0]["initial_lr"] == muon_lr
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds"):
             assert len(metrics[key]) == 2
         assert metrics["train_size"] == 80 and metrics["test_size"] == 20
@@ -426,7 +428,9 @@ def test_checkpoint_with_other_options_is_refused(run_args, tmp_path, capsys):
 
 def test_optimizer_defaults_to_muon_and_the_option_overrides_it():
     runs = [train.run_options(norm, train.parse_args([])) for norm in ("bn", "ln", "gn")]
-    assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [("muon", train.MUON_LR)] * 3
+    # Per norm, see train.MUON_LR.
+    assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [("muon", 0.03), ("muon", 0.015),
+                                                                     ("muon", 0.03)]
     args = train.parse_args(["--muon-lr", "0.05"])
     assert [train.run_options(norm, args)["muon_lr"] for norm in ("bn", "ln", "gn")] == [0.05] * 3
     args = train.parse_args(["--optimizer", "sgd", "--muon-lr", "0.05"])
