@@ -222,8 +222,8 @@ def run_options(norm, args):
     return {key: getattr(args, key) for key in RUN_OPTIONS} | {
         "norm": norm, "amp": utils.use_amp(args.amp, args.device),
         "momentum": MOMENTUM[norm] if args.momentum is None else args.momentum,
-        "muon_lr": None if args.optimizer != "muon" else
-                   MUON_LR[norm] if args.muon_lr is None else args.muon_lr,
+        "muon_lr": ((MUON_LR[norm] if args.muon_lr is None else args.muon_lr)
+                    if args.optimizer == "muon" else None),  # no Muon lr where no Muon
         "activation": ACTIVATION[norm] if args.activation is None else args.activation}
 
 
