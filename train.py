@@ -43,7 +43,7 @@ WEIGHT_DECAY = 5e-4
 OPTIMIZER = "muon"
 # Peak of the one-cycle schedule for the Muon weights, per norm: on validation 0.015
 # instead of 0.03 gained with LN on both seeds tried (+0.34, +1.06); 0.0075 and 0.06
-# lost, and so did both with GN; see README, "Ablation".
+# lost, and so did 0.015 and 0.06 with GN and 0.02 with BN; see README, "Ablation".
 MUON_LR = {"bn": 0.03, "ln": 0.015, "gn": 0.03}
 LABEL_SMOOTHING = 0.1
 TRANSLATE = 4           # pixels of random shift each way
