@@ -2,11 +2,12 @@
 
     python bench.py --data-dir ../shared/data/cifar10-jpg
 
-For each norm it times the same training steps (its recipe's optimizer) fed three ways:
+For each norm it times train.py's training step (recipe.make_step: the recipe's
+optimizer, loss, augmentation and precision) fed three ways:
   project       cached uint8 tensors, augmentation on whole batches on the device
   limit         forward + backward + step on one pre-made batch: no data work at all
                 (also with model and batch in the other memory layout: NCHW on the CPU,
-                channels_last on CUDA; utils.memory_format says which one trains)
+                channels_last on CUDA; devices.memory_format says which one trains)
   dataloader-N  torchvision-style: a PIL image per sample, RandomCrop(32, padding=4),
                 RandomHorizontalFlip, ToTensor, Normalize, DataLoader with N workers
   eval-B        no training: utils.test (inference mode) on as many images, in batches of B
@@ -19,16 +20,14 @@ import time
 
 START = time.perf_counter()  # start-up is measured from here: imports count
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+import cli  # noqa: E402
+import devices  # noqa: E402
+import recipe  # noqa: E402
 import utils  # noqa: E402
-from models import ACTIVATIONS, BLOCKS, NORMS, Net  # noqa: E402
-from train import (ACTIVATION, BATCH_SIZE, BLOCKS_DEFAULT, OPTIMIZER, Parser,  # noqa: E402
-                   non_negative_int, positive_int, resolve_device)
+from cli import non_negative_int, positive_int  # noqa: E402
+from models import NORMS, Net  # noqa: E402
 from utils import UserError  # noqa: E402
 
 EPOCH_IMAGES = 50_000
@@ -63,14 +62,6 @@ def conventional_loader(images, labels, batch_size, workers):
                                        persistent_workers=workers > 0)
 
 
-def step(model, optimizer, x, y, amp):
-    with utils.autocast(x.device, amp):
-        loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def endless(loader):
     """Batches from the loader forever, so timing never pays a new epoch's start."""
     while True:
@@ -91,65 +82,71 @@ def timed(run, batches, batch_size, device):
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def bench_norm(norm, data, args, device, amp):
-    """{pipeline: images/second}, the best of args.rounds interleaved rounds."""
+def bench_norm(norm, data, args, device):
+    """{pipeline: images/second}, the best of args.rounds interleaved rounds. Every
+    pipeline trains with the recipe's training step (recipe.make_step), its data fed
+    in its own way."""
     images, labels = data["train"]
     device_images, device_labels = images.to(device), labels.to(device)
     bs = args.batch_size
-    x, y = utils.normalize(device_images[:bs]), device_labels[:bs]
+    run = recipe.run_options(norm, args)
+    generator = torch.Generator(device=device).manual_seed(0)
 
-    def make_model(memory_format):
+    def make_step(memory_format, n_batches=1):
+        """A fresh model in `memory_format`, its optimizer at the peak learning rate
+        and its TrainStep on the first n_batches batches."""
         torch.manual_seed(0)
-        model = Net(norm, args.blocks, activation=args.activation or ACTIVATION[norm])
-        model = model.to(device, memory_format=memory_format)
-        optimizer = utils.make_optimizer(model, args.optimizer, lr=0.01, momentum=0.9,
-                                         weight_decay=0.0, muon_lr=0.01)
-        return (torch.compile(model) if args.compile else model), optimizer
+        model = Net(norm, run["blocks"], run["activation"]).to(device, memory_format=memory_format)
+        optimizer = recipe.make_optimizer(run, model)
+        step_model = torch.compile(model) if args.compile else model
+        return recipe.make_step(run, step_model, optimizer, device_images[:n_batches * bs],
+                                device_labels[:n_batches * bs], generator,
+                                cuda_graph=args.cuda_graph)
 
-    layout = utils.memory_format(device)
+    layout = devices.memory_format(device)
     other_layout, other_name = ((torch.contiguous_format, "limit-contiguous")
                                 if layout == torch.channels_last else
                                 (torch.channels_last, "limit-channels_last"))
-    model, optimizer = make_model(layout)
-    constant_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    steps = {}  # batch count -> TrainStep on that many batches, kept: a CUDA graph is captured once
+    step = make_step(layout)
+    y = device_labels[:bs]
+    # batch count -> (TrainStep on that many batches, constant schedule), kept: a CUDA
+    # graph is captured once
+    steps = {}
 
     def project(n):
         if n not in steps:
-            steps[n] = utils.TrainStep(model, optimizer, device_images[:n * bs], device_labels[:n * bs],
-                                       generator, augmentation={"translate": 4}, amp=amp,
-                                       cuda_graph=args.cuda_graph)
-        utils.train(steps[n], constant_lr, bs)
+            project_step = make_step(layout, n)
+            steps[n] = project_step, torch.optim.lr_scheduler.LambdaLR(project_step.optimizer,
+                                                                        lambda _: 1.0)
+        utils.train(*steps[n], bs)
 
-    def limit(model, optimizer, x):
-        def run(n):
-            model.train()
+    def limit(step, x):
+        def train_on(n):
+            step.model.train()
             for _ in range(n):
-                step(model, optimizer, x, y, amp)
-        return run
+                step.learn(x, y)
+        return train_on
 
     def conventional(batches):
-        def run(n):
-            model.train()
+        def train_on(n):
+            step.model.train()
             for _ in range(n):
                 xb, yb = next(batches)
-                step(model, optimizer, xb.to(device).contiguous(memory_format=layout),
-                     yb.to(device), amp)
-        return run
+                step.learn(xb.to(device).contiguous(memory_format=layout), yb.to(device))
+        return train_on
 
-    pipelines = {"project": project, "limit": limit(model, optimizer, x),
-                 other_name: limit(*make_model(other_layout), x.contiguous(memory_format=other_layout))}
+    x = utils.normalize(device_images[:bs])
+    pipelines = {"project": project, "limit": limit(step, x),
+                 other_name: limit(make_step(other_layout), x.contiguous(memory_format=other_layout))}
     for workers in args.workers:
         batches = endless(conventional_loader(images, labels, bs, workers))
         pipelines[f"dataloader-{workers}"] = conventional(batches)
 
     def evaluate(eval_batch_size):
-        def run(n):
-            utils.test(model, device_images[:n * bs], device_labels[:n * bs],
-                       batch_size=eval_batch_size, amp=amp)
-        return run
+        def test_on(n):
+            utils.test(step.model, device_images[:n * bs], device_labels[:n * bs],
+                       batch_size=eval_batch_size, amp=run["amp"])
+        return test_on
 
     for eval_batch_size in args.eval_batch_sizes:
         pipelines[f"eval-{eval_batch_size}"] = evaluate(eval_batch_size)
@@ -158,45 +155,30 @@ def bench_norm(norm, data, args, device, amp):
     # land on one of them only; the best round is the least disturbed.
     speeds = dict.fromkeys(pipelines, 0.0)
     for _ in range(args.rounds):
-        for name, run in pipelines.items():
-            speeds[name] = max(speeds[name], timed(run, args.batches, bs, device))
+        for name, pipeline in pipelines.items():
+            speeds[name] = max(speeds[name], timed(pipeline, args.batches, bs, device))
     return speeds
 
 
 def parse_args(argv=None):
-    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--norm", choices=[*NORMS, "all"], default="all")
     parser.add_argument("--batches", type=positive_int, default=20,
                         help="timed batches per pipeline and round (default: %(default)s)")
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="interleaved rounds; the best counts (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                        help="default: %(default)s, as train.py")
-    parser.add_argument("--blocks", choices=BLOCKS, default=BLOCKS_DEFAULT,
-                        help="default: %(default)s, as train.py")
-    parser.add_argument("--activation", choices=ACTIVATIONS,
-                        help="default: per norm, as train.py")
-    parser.add_argument("--optimizer", choices=utils.OPTIMIZERS, default=OPTIMIZER,
-                        help="default: %(default)s, as train.py")
+    cli.add_recipe_options(parser)  # the recipe whose training step is timed
     parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--eval-batch-sizes", type=positive_int, nargs="+", default=[1000, 250],
                         help="evaluation batch sizes to time (default: 1000 250)")
-    parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--cache-dir", default=str(utils.default_cache_dir()))
+    cli.add_data_options(parser)
     parser.add_argument("--synthetic", type=positive_int, metavar="N",
                         help="use N random images instead of CIFAR-10 (smoke test)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
-                        help="the project pipeline's steps as CUDA graphs (default: as train.py, "
-                             "on with CUDA unless --compile)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="bfloat16 mixed precision (default: as train.py, on for CPUs "
-                             "with AVX-512 bfloat16 instructions)")
+    cli.add_device_options(parser)
     args = parser.parse_args(argv)
-    resolve_device(parser, args)
+    cli.resolve_device(parser, args)
     return args
 
 
@@ -227,19 +209,18 @@ def main(argv=None):
     try:
         data = load_data(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(error)
     startup = time.perf_counter() - START
 
-    print(f"device {utils.describe(device)}, {args.blocks} blocks, batch size {args.batch_size}, "
+    print(f"device {devices.describe(device)}, {args.blocks} blocks, batch size {args.batch_size}, "
           f"best of {args.rounds} rounds of {args.batches} batches, "
           f"compile={args.compile}, cuda_graph={args.cuda_graph}")
     print(f"data: {data['source']}; start-up to data ready: {startup:.2f}s\n")
     print("| norm | pipeline | images/s | s/epoch (50k) | time vs project |")
     print("|---|---|---:|---:|---:|")
-    amp = utils.use_amp(args.amp, device)
+    amp = devices.use_amp(args.amp, device)
     for norm in NORMS if args.norm == "all" else [args.norm]:
-        rows = bench_norm(norm, data, args, device, amp)
+        rows = bench_norm(norm, data, args, device)
         for name, speed in rows.items():
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
                   f"| {rows['project'] / speed:.2f} |", flush=True)

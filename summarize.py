@@ -13,28 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import recipe
 from models import NORMS
-
-# What may differ between the runs of one recipe.
-PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
-           "epoch_seconds", "threads", "device", "processor", "torch", "cuda_graph", "resumed"}
-
-
-# Options that older runs did not record, with the value those runs used: --blocks
-# (before it, plain blocks), --amp (before it was recorded, float32 unless the log's
-# command line says --amp), --optimizer (before it, SGD, hence no Muon learning rate),
-# and the options of results/ablation/levers.patch, schedule-flip-groups.patch,
-# se-upsample-clean.patch and cosine-kaiming.patch, the experiments that were measured
-# and not kept (their defaults are the project's code).
-RECORDED_LATER = {"blocks": "plain", "amp": False, "activation": "relu", "ema": 0.0,
-                  "wd_all": 1, "gn_groups": 4, "whiten": 0, "warmup": 0.25, "alt_flip": False,
-                  "clean_last": 0, "decay": "linear", "init": "default",
-                  "optimizer": "sgd", "muon_lr": None}
-
-
-def recipe(metrics):
-    return {**RECORDED_LATER, **{k: v for k, v in metrics.items() if k not in PER_RUN}}
-
 
 def seeds(folders):
     runs = {}
@@ -43,7 +23,7 @@ def seeds(folders):
         metrics = [json.loads(path.read_text()) for path in paths if path.exists()]
         if not metrics:
             continue
-        different = [m["seed"] for m in metrics if recipe(m) != recipe(metrics[0])]
+        different = [m["seed"] for m in metrics if recipe.of_run(m) != recipe.of_run(metrics[0])]
         if different:
             sys.exit(f"summarize.py: error: {norm} runs with seeds {different} use another "
                      f"recipe than seed {metrics[0]['seed']}")
@@ -77,8 +57,8 @@ def seeds_table(runs):
 
 def changes(metrics, reference):
     """The recipe entries (and seed) of `metrics` that differ from `reference`, as 'key old -> new'."""
-    a = {**recipe(reference), "seed": reference["seed"]}
-    b = {**recipe(metrics), "seed": metrics["seed"]}
+    a = {**recipe.of_run(reference), "seed": reference["seed"]}
+    b = {**recipe.of_run(metrics), "seed": metrics["seed"]}
     return [f"{key} {a.get(key)} -> {b.get(key)}" for key in sorted(a.keys() | b.keys())
             if a.get(key) != b.get(key)]
 

@@ -1,13 +1,11 @@
-"""Data loading, batched augmentation, train/test loops, checkpoints and plots.
+"""Data loading, batched augmentation, the train/test loops and plots.
 
 Nothing here knows about the command line: every function takes what it
-needs as arguments. train.py is the front end.
+needs as arguments. train.py and evaluate.py are the front ends.
 """
 import collections
 import hashlib
 import os
-import platform
-import random
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from pathlib import Path
@@ -16,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from devices import autocast, eval_batch_size, memory_format
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -192,17 +192,6 @@ def _read_torchvision(data_dir, train):
 # Augmentation, on whole batches on the training device
 # ----------------------------------------------------------------------------
 
-def memory_format(device):
-    """The layout of the model and its input on `device`.
-
-    channels_last makes the convolutions about 1.5x faster on the CPU (bench.py).
-    On CUDA, NCHW made the full run with --cuda-graph 59 s instead of 70 s on an
-    H200 (README, "On a GPU"): PyTorch's GroupNorm (LN and GN here) works in NCHW
-    only there and copies channels_last input into it.
-    """
-    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
-
-
 def normalize(images):
     """uint8 (N, 3, H, W) -> float, per-channel standardized, in the device's memory_format."""
     mean, std = _channel_stats(images.device)
@@ -218,7 +207,7 @@ def _channel_stats(device):
     return tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (MEAN, STD))
 
 
-def augment(images, generator, translate=4, cutout=0):
+def augment(images, generator, translate, cutout):
     """Random translate, horizontal flip and cutout of each image of a batch.
 
     Translation reflects at the border, as reflect padding would. Translate
@@ -259,146 +248,6 @@ def _reflect(index, size):
 # Train and test loops
 # ----------------------------------------------------------------------------
 
-def autocast(device, enabled):
-    """bfloat16 mixed precision when enabled: no loss scaling needed, unlike fp16.
-
-    No cache of the weights' bfloat16 copies: CUDA graph capture does not allow
-    one, and each weight is used once per forward pass, so it saves nothing.
-    """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
-
-
-def processor_name(device):
-    """What `device` is, for the record: e.g. "AMD EPYC (family 26, model 2)" or
-    "NVIDIA H100 80GB HBM3".
-
-    Timings and the bfloat16 default depend on it, and the same 2-core machine
-    has not always had the same processor. Some hosts give the CPU's brand only
-    ("AMD EPYC"), so its family and model are added: they tell generations apart.
-    """
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            first_cpu = cpuinfo.read().split("\n\n")[0]
-    except OSError:
-        first_cpu = ""
-    fields = dict(map(str.strip, line.split(":", 1)) for line in first_cpu.splitlines() if ":" in line)
-    if "model name" not in fields:
-        return platform.processor() or "unknown CPU"
-    if "cpu family" in fields and "model" in fields:
-        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
-    return fields["model name"]
-
-
-def describe(device):
-    """One line for logs: device, processor, torch version and CPU threads."""
-    threads = torch.get_num_threads()
-    return (f"{device} ({processor_name(device)}), torch {torch.__version__}, "
-            f"{threads} thread{'s' if threads != 1 else ''}")
-
-
-def use_amp(requested, device):
-    """Whether to train in bfloat16 mixed precision on `device`: as --amp
-    requested, or by default (None) where that is faster.
-
-    Measured (README, "Performance"): faster for all three variants on CPUs with
-    AVX-512 bfloat16 instructions, where oneDNN runs the convolutions in bfloat16:
-    an Intel Xeon with AMX matrix units and an AMD EPYC without them; slower on an
-    H200, where this small net's step waits on kernel launches and autocast only
-    adds casts. Other CPUs stay in float32: they have no bfloat16 arithmetic.
-    """
-    if requested is not None:
-        return requested
-    # torch has no public test for the instructions; a torch without this private
-    # one trains in float32, which is never wrong, only slower.
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return device.type == "cpu" and has_bf16()
-
-
-def use_cuda_graph(requested, device, compiled):
-    """Whether to capture each training step as a CUDA graph: as --cuda-graph
-    requested, or by default (None) on CUDA unless the model is compiled (the two
-    do not combine). Measured (README, "On a GPU"): the full run in 52-59 s on an
-    H100; 59 s against 176 s eager on an H200; the same accuracy within noise.
-    """
-    if requested is not None:
-        return requested
-    return device.type == "cuda" and not compiled
-
-
-def one_cycle(optimizer, total_steps, warmup_fraction=0.25):
-    """Learning rate per step: linear from 0 up to the optimizer's lr over the
-    first quarter of the steps, then linear down to 0 at the end."""
-    points = [0, warmup_fraction * total_steps, total_steps]
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: float(np.interp(step, points, [0.0, 1.0, 0.0])))
-
-
-def orthogonalize(matrix, steps=5):
-    """Roughly the nearest semi-orthogonal matrix, U V^T of matrix's SVD U S V^T, by a
-    quintic Newton-Schulz iteration (Muon's): singular values from a hundredth of the
-    largest up come out between 0.6 and 1.25, close enough for an update (`Muon`)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix.float() / (matrix.norm() + 1e-7)  # singular values now <= 1
-    wide = x.size(0) <= x.size(1)
-    x = x if wide else x.T  # the Gram matrix of the short side is the cheaper one
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x if wide else x.T
-
-
-class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum, and Muon (momentum orthogonalized) for the groups
-    marked orthogonal=True: conv weights that a norm follows.
-
-    A norm makes the output blind to its weight's scale, so SGD's update of such a
-    weight only turns it, by an angle set by the interplay of learning rate, weight
-    decay and the weight's norm. Muon holds each such weight at norm sqrt(rows) and
-    turns it by orthogonalized momentum, whose singular values are all about 1: the
-    learning rate is then the turn per step, the same for every direction of the
-    weight, and weight decay has nothing to do there.
-    """
-
-    def __init__(self, groups, lr, momentum, weight_decay):
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      orthogonal=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad if group["orthogonal"] else p.grad.add(p, alpha=group["weight_decay"])
-                momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                momentum.mul_(group["momentum"]).add_(grad)
-                update = grad.add(momentum, alpha=group["momentum"])  # Nesterov
-                if group["orthogonal"]:
-                    p.mul_(len(p) ** 0.5 / p.norm())
-                    update = orthogonalize(update.reshape(len(p), -1)).view_as(p)
-                p.sub_(update * group["lr"])  # lr: a number, or a tensor (CUDA graphs)
-
-
-OPTIMIZERS = ("sgd", "muon")
-
-
-def make_optimizer(model, name, lr, momentum, weight_decay, muon_lr):
-    """name "sgd": SGD with Nesterov momentum for all weights. "muon": Muon, at
-    learning rate muon_lr, for the weights model.normalized_filters() names, and
-    the same SGD as "sgd" for the rest."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                               nesterov=momentum > 0, weight_decay=weight_decay)
-    filters = model.normalized_filters()
-    rest = [p for p in model.parameters() if not any(p is f for f in filters)]
-    return Muon([dict(params=filters, lr=muon_lr, orthogonal=True), dict(params=rest)],
-                lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 class TrainStep:
     """One optimizer step on the training images at the given indices: augment, forward,
     backward, update. Returns (loss, number correct), tensors on the device.
@@ -412,11 +261,12 @@ class TrainStep:
     """
     WARMUP_STEPS = 3  # eager steps per batch length before capturing it
 
-    def __init__(self, model, optimizer, images, labels, generator, label_smoothing=0.0,
-                 augmentation=None, amp=False, cuda_graph=False):
+    def __init__(self, model, optimizer, images, labels, generator, *, label_smoothing,
+                 translate, cutout, amp, cuda_graph=False):
         self.model, self.optimizer = model, optimizer
         self.images, self.labels, self.generator = images, labels, generator
-        self.label_smoothing, self.augmentation, self.amp = label_smoothing, augmentation or {}, amp
+        self.label_smoothing, self.amp = label_smoothing, amp
+        self.augmentation = {"translate": translate, "cutout": cutout}
         self.cuda_graph = cuda_graph
         self.graphs = {}  # batch length -> (graph, its index tensor, its outputs)
         self.eager_steps = collections.Counter()  # batch length -> steps run eagerly
@@ -431,7 +281,11 @@ class TrainStep:
 
     def step(self, index):
         x = normalize(augment(self.images[index], self.generator, **self.augmentation))
-        y = self.labels[index]
+        return self.learn(x, self.labels[index])
+
+    def learn(self, x, y):
+        """Forward, backward and update on a ready (normalized) batch: the step
+        without its data work, which bench.py times as the limit."""
         with autocast(self.images.device, self.amp):
             output = self.model(x)
             loss = F.cross_entropy(output, y, label_smoothing=self.label_smoothing)
@@ -496,61 +350,36 @@ def train(step, scheduler, batch_size, desc="train"):
     return total_loss.item() / n, correct.item() / n
 
 
-def eval_batch_size(device):
-    """Images per batch when evaluating on `device`.
-
-    On the CPU, batches of 250 keep their activations in the caches: evaluation
-    took 1.7-2.6x less time than in batches of 1,000 (bench.py's eval rows). On
-    CUDA, 1,000 makes fewer launches.
-    """
-    return 250 if torch.device(device).type == "cpu" else 1000
-
-
 @torch.inference_mode()
-def test(model, images, labels, batch_size=None, amp=False):
-    """(loss, accuracy, predictions) of the model on uint8 images, no augmentation,
+def logits(model, images, batch_size=None, amp=False):
+    """The model's outputs (float32) for uint8 images, no augmentation, in eval mode,
     in batches of `batch_size` (default: eval_batch_size of the images' device)."""
     batch_size = batch_size or eval_batch_size(images.device)
     model.eval()
-    total_loss = torch.zeros((), device=images.device)
-    predictions = []
-    for start in range(0, len(labels), batch_size):
-        x = normalize(images[start:start + batch_size])
+    outputs = []
+    for start in range(0, len(images), batch_size):
         with autocast(images.device, amp):
-            output = model(x)
-        total_loss += F.cross_entropy(output.float(), labels[start:start + batch_size], reduction="sum")
-        predictions.append(output.argmax(1))
-    predictions = torch.cat(predictions)
+            outputs.append(model(normalize(images[start:start + batch_size])).float())
+    return torch.cat(outputs)
+
+
+def test(model, images, labels, batch_size=None, amp=False):
+    """(loss, accuracy, predictions) of the model on uint8 images (see logits)."""
+    output = logits(model, images, batch_size, amp)
+    predictions = output.argmax(1)
     accuracy = (predictions == labels).float().mean().item()
-    return total_loss.item() / len(labels), accuracy, predictions
+    return F.cross_entropy(output, labels).item(), accuracy, predictions
+
+
+def per_class_accuracy(labels, predictions):
+    """Accuracy on each class's images, as a list in CLASSES order."""
+    correct = torch.bincount(labels[predictions == labels], minlength=len(CLASSES))
+    return (correct / torch.bincount(labels, minlength=len(CLASSES)).clamp(min=1)).tolist()
 
 
 # ----------------------------------------------------------------------------
-# Reproducibility and checkpoints
+# Files replaced atomically
 # ----------------------------------------------------------------------------
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_states(generator):
-    """Every random state a run draws from, to store in a checkpoint."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "augment": generator.get_state()}
-
-
-def set_rng_states(states, generator):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    generator.set_state(states["augment"])
-
 
 def _replace_atomically(path, write):
     """write(temporary path), then rename it to `path`: a crash never leaves half a file."""
@@ -569,16 +398,6 @@ def atomic_save(obj, path):
 def atomic_write_text(text, path):
     """Write `text` to `path`, atomically: metrics.json marks a finished run."""
     _replace_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path} to resume from") from None
-    except Exception as error:
-        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}); "
-                        "delete it and start the run again without --resume") from None
 
 
 # ----------------------------------------------------------------------------
@@ -613,73 +432,134 @@ def plot_curves(metrics, path):
         ax_acc.plot(epochs, [100 * a for a in metrics[f"{split}_acc"]], marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    _style(ax_loss, ax_acc)
+    _style(ax_loss, ax_acc, epochs=len(metrics["train_loss"]))
     fig.suptitle(f"{metrics['norm'].upper()}: {metrics['params']:,} parameters")
     save_figure(fig, path)
 
 
-def _style(*axes):
+def _style(*axes, epochs=None):
+    """Grid and legend; with `epochs`, every epoch ticked on the x axis."""
     from matplotlib.ticker import MaxNLocator
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs:
+            ax.set_xticks(range(1, epochs + 1))
+            ax.tick_params(axis="x", labelsize=8)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
 
 
-def plot_comparison(all_metrics, path):
-    """Loss and accuracy per epoch of every variant, in one figure."""
+def plot_comparison(all_metrics, path, title):
+    """Loss and accuracy per epoch of every variant: train and evaluation split
+    in panels of their own, one line per variant in each."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), layout="constrained")
     eval_split = all_metrics[0]["eval_split"]
-    for m in all_metrics:
-        epochs = range(1, len(m["test_loss"]) + 1)
-        name = m["norm"].upper()
-        line, = axes[0].plot(epochs, m["test_loss"], label=f"{name} {eval_split}")
-        axes[0].plot(epochs, m["train_loss"], ls="--", color=line.get_color(), label=f"{name} train")
-        axes[1].plot(epochs, [100 * a for a in m["train_acc"]], label=name)
-        axes[2].plot(epochs, [100 * a for a in m["test_acc"]], label=name)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="loss (train: with label smoothing)")
-    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="train accuracy (augmented)")
-    axes[2].set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
-    _style(*axes)
-    save_figure(fig, path)
-
-
-def plot_misclassified(images, labels, predictions, path, title, count=10):
-    """A 5x2 grid of misclassified test images, titled with true and predicted class.
-
-    One image per true class where possible (the first of each), so the grid
-    shows the range of mistakes. images are the uint8 originals: exactly what
-    the network saw, before normalization.
-    """
-    plt = _pyplot()
-    wrong = (predictions != labels).nonzero().flatten().tolist()
-    first_per_class = list({labels[i].item(): i for i in reversed(wrong)}.values())[::-1]
-    chosen = sorted(first_per_class, key=lambda i: labels[i].item())
-    chosen += [i for i in wrong if i not in chosen]
-    fig, axes = plt.subplots(2, 5, figsize=(10, 5), layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, chosen[:count]):
-        ax.imshow(images[i].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=10)
+    panels = {("train", "loss"): "train loss (augmented, with label smoothing)",
+              ("test", "loss"): f"{eval_split} loss",
+              ("train", "acc"): "train accuracy (augmented)",
+              ("test", "acc"): f"{eval_split} accuracy"}
+    for ax, ((split, kind), panel_title) in zip(axes.T.flat, panels.items()):
+        for m in all_metrics:
+            values = m[f"{split}_{kind}"]
+            ax.plot(range(1, len(values) + 1), [100 * v for v in values] if kind == "acc" else values,
+                    marker=".", label=m["norm"].upper())
+        ax.set(xlabel="epoch", ylabel="accuracy (%)" if kind == "acc" else "loss", title=panel_title)
+    _style(*axes.flat, epochs=max(len(m["test_acc"]) for m in all_metrics))
     fig.suptitle(title)
     save_figure(fig, path)
 
 
-def results_table(all_metrics):
-    """A markdown table: params, final train and test accuracy per variant.
+def _spread_over_classes(indices, labels):
+    """`indices`, reordered: the first of each true class first (in class order),
+    then the rest in their order, so that a grid of the first few shows many classes."""
+    first_per_class = {}
+    for i in indices:
+        first_per_class.setdefault(labels[i].item(), i)
+    firsts = [first_per_class[label] for label in sorted(first_per_class)]
+    return firsts + [i for i in indices if i not in set(firsts)]
 
-    Train accuracy twice: averaged over the last epoch's augmented batches,
-    and of the final weights on the un-augmented training images.
+
+def _image_grid(title, height=5.5):
+    """A 2x5 grid of empty panels for 10 images."""
+    fig, axes = _pyplot().subplots(2, 5, figsize=(10, height), layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig, axes.flat
+
+
+def _show(ax, image):
+    """A uint8 (3, H, W) image, pixels as they are: exactly what the network saw."""
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+
+
+def plot_misclassified(images, labels, predictions, path, title, count=10):
+    """A 5x2 grid of misclassified test images, titled with true and predicted class,
+    one image per true class where possible."""
+    wrong = (predictions != labels).nonzero().flatten().tolist()
+    fig, axes = _image_grid(title)
+    for ax, i in zip(axes, _spread_over_classes(wrong, labels)[:count]):
+        _show(ax, images[i])
+        ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_misclassified_compared(images, labels, probabilities, path, title, count=10):
+    """The same test images under every model: each with its true class and every
+    model's prediction and confidence, marked right or wrong.
+
+    probabilities: {model name: (N, 10) softmax outputs}. The images shown are ones
+    that some model gets wrong and another right, one per true class where possible:
+    where the models differ.
     """
-    split = all_metrics[0]["eval_split"]
-    lines = [f"| model | params | train acc (last epoch, augmented) | train acc (final weights) "
-             f"| {split} acc | s/epoch |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for m in all_metrics:
-        seconds = sum(m["epoch_seconds"]) / len(m["epoch_seconds"])
-        lines.append(f"| {m['norm'].upper()} | {m['params']:,} | {100 * m['train_acc'][-1]:.2f}% "
-                     f"| {100 * m['train_eval_acc']:.2f}% | {100 * m['test_acc'][-1]:.2f}% "
-                     f"| {seconds:.1f} |")
-    return "\n".join(lines) + "\n"
+    predictions = {name: p.argmax(1) for name, p in probabilities.items()}
+    right = torch.stack([p == labels for p in predictions.values()])
+    split = (right.any(0) & ~right.all(0)).nonzero().flatten().tolist()
+    all_wrong = (~right.any(0)).nonzero().flatten().tolist()
+    chosen = (_spread_over_classes(split, labels) + all_wrong)[:count]
+    fig, axes = _image_grid(title, height=4 + 0.5 * len(probabilities))
+    for ax, i in zip(axes, chosen):
+        _show(ax, images[i])
+        lines = [f"true: {CLASSES[labels[i]]}"]
+        for name, p in probabilities.items():
+            guess = predictions[name][i].item()
+            mark = "\u2713" if guess == labels[i] else "\u2717"  # check mark, ballot x
+            lines.append(f"{mark} {name}: {CLASSES[guess]} {100 * p[i, guess]:.0f}%")
+        ax.set_title("\n".join(lines), fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_confusion(labels, predictions, path, title):
+    """The confusion matrix: how many of each true class went to each predicted class."""
+    plt = _pyplot()
+    counts = torch.bincount(labels * len(CLASSES) + predictions, minlength=len(CLASSES) ** 2)
+    counts = counts.view(len(CLASSES), len(CLASSES)).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), layout="constrained")
+    image = ax.imshow(counts, cmap="Blues")
+    for (row, col), value in np.ndenumerate(counts):
+        ax.text(col, row, value, ha="center", va="center", fontsize=8,
+                color="white" if value > counts.max() / 2 else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    save_figure(fig, path)
+
+
+def plot_per_class(accuracies, path, title):
+    """Accuracy per class, a bar per model side by side. accuracies: {model name:
+    list in CLASSES order}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 4.5), layout="constrained")
+    width = 0.8 / len(accuracies)
+    for k, (name, values) in enumerate(accuracies.items()):
+        ax.bar(np.arange(len(CLASSES)) + (k - (len(accuracies) - 1) / 2) * width,
+               [100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(CLASSES)), CLASSES)
+    low = min(min(values) for values in accuracies.values())
+    ax.set(ylabel="accuracy (%)", ylim=(max(0, 100 * low - 10), 100), title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncols=len(accuracies))
+    save_figure(fig, path)

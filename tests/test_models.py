@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models
+from conftest import ROOT
 from models import (ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, ConvBlock, GlobalAvgPool, GroupNorm,
                     Net, count_parameters)
 
@@ -59,7 +61,8 @@ def test_activation_changes_outputs_not_parameters():
     torch.manual_seed(0)
     relu = Net("bn", "separable", activation="relu").eval()
     gelu = Net("bn", "separable", activation="gelu").eval()
-    gelu.load_state_dict(relu.state_dict())  # same weights, same names
+    weights = {k: v for k, v in relu.state_dict().items() if k != "_extra_state"}
+    gelu.load_state_dict(weights, strict=False)  # same weights, same names
     x = torch.randn(2, 3, 32, 32)
     assert not torch.allclose(relu(x), gelu(x))
 
@@ -146,3 +149,63 @@ def test_group_norm_takes_small_bfloat16_groups_through_nchw(monkeypatch):
         gradient = torch.randn_like(y)
         torch.testing.assert_close(torch.autograd.grad(y, x, gradient),
                                    torch.autograd.grad(expected, x, gradient))
+
+
+def test_net_of_a_norm_alone_is_the_default_recipes_network():
+    """Net(norm) is what train.py trains: separable blocks, the norm's activation."""
+    for norm, activation in (("bn", nn.ReLU), ("ln", nn.GELU), ("gn", nn.GELU)):
+        model = Net(norm)
+        assert model.config == {"norm": norm, "blocks": "separable",
+                                "activation": activation.__name__.lower()}
+        assert model.conv3[0].groups > 1 and isinstance(model.conv3[-1], activation)
+
+
+def test_saved_model_loads_back_through_models_load_with_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = Net("gn", "plain", activation="relu").eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = models.load(tmp_path)  # a run folder, or the file itself
+    assert loaded.config == model.config and not loaded.training
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("other", [dict(activation="relu"), dict(blocks="plain"), dict(norm="bn")])
+def test_weights_of_another_network_are_refused_before_anything_is_loaded(other):
+    """GELU weights fit a ReLU network's shapes: only the file's config tells them apart."""
+    saved = Net("ln").state_dict()
+    model = Net(**{"norm": "ln", **other})
+    before = {k: v.clone() for k, v in model.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(models.ModelFileError, match="another network"):
+        model.load_state_dict(saved)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda: {k: v for k, v in Net("bn").state_dict().items() if k != "_extra_state"},
+     "does not say which network"),
+    (lambda: {"weights": torch.zeros(3)}, "does not say which network"),
+    (lambda: "not a model", "does not say which network"),
+])
+def test_models_load_refuses_a_file_that_names_no_network(tmp_path, content, message):
+    torch.save(content(), tmp_path / "model.pt")
+    with pytest.raises(models.ModelFileError, match=message):
+        models.load(tmp_path / "model.pt")
+
+
+def test_models_load_of_a_missing_or_unreadable_file_is_one_line(tmp_path):
+    with pytest.raises(models.ModelFileError, match="no such file"):
+        models.load(tmp_path / "absent.pt")
+    (tmp_path / "model.pt").write_text("garbage")
+    with pytest.raises(models.ModelFileError, match="not a readable model file"):
+        models.load(tmp_path)
+
+
+@pytest.mark.parametrize("run", ["results", "results/seed1", "results/seed2"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_committed_models_have_the_names_and_shapes_of_net_of_their_norm(run, norm):
+    saved = torch.load(ROOT / run / norm / "model.pt", weights_only=True)
+    expected = Net(norm).state_dict()
+    assert saved["_extra_state"] == expected["_extra_state"]
+    assert {k: v.shape for k, v in saved.items() if k != "_extra_state"} == {
+        k: v.shape for k, v in expected.items() if k != "_extra_state"}

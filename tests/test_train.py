@@ -12,7 +12,11 @@ import pytest
 import torch
 
 import bench
+import checkpoints
+import devices
 import models
+import optimizers
+import recipe
 import train
 import utils
 from conftest import BROKEN_FOLDERS, ROOT
@@ -32,7 +36,8 @@ def assert_same_run(run_a, run_b):
     """Two run folders of one variant hold identical metrics and bit-identical weights."""
     assert read_metrics(run_a / "metrics.json") == read_metrics(run_b / "metrics.json")
     a, b = torch.load(run_a / "model.pt"), torch.load(run_b / "model.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.pop("_extra_state") == b.pop("_extra_state")  # the network's config
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
@@ -60,9 +65,12 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
             assert len(metrics[key]) == 2
         assert metrics["train_size"] == 80 and metrics["test_size"] == 20
         assert f"{norm} epoch  2/2" in out
-    assert (tmp_path / "out/images/comparison.png").stat().st_size > 0
+    for name in ("comparison.png", "per_class.png", "misclassified_compared.png",
+                 "bn_confusion.png", "ln_confusion.png", "gn_confusion.png"):
+        assert (tmp_path / "out/images" / name).stat().st_size > 0
     table = (tmp_path / "out/results.md").read_text()
     assert all(f"| {norm} |" in table for norm in ("BN", "LN", "GN"))
+    assert "| class | BN | LN | GN |" in table and "| truck |" in table  # the per-class table
 
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -77,12 +85,12 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
     data = utils.load_cifar10(image_folder, tmp_path / "cache")
     images, labels = (t.to(device) for t in data["train"])
     torch.manual_seed(0)
-    model = train.Net("bn").to(device, memory_format=utils.memory_format(device))
+    model = models.Net("bn", "plain").to(device, memory_format=devices.memory_format(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator(device).manual_seed(0)
-    step = utils.TrainStep(model, optimizer, images, labels, generator, amp=amp,
-                           cuda_graph=cuda_graph)
+    step = utils.TrainStep(model, optimizer, images, labels, generator, label_smoothing=0.0,
+                           translate=4, cutout=0, amp=amp, cuda_graph=cuda_graph)
     for _ in range(40):  # bfloat16 learns it too, on a bumpier path: 0.6-0.9 at 10-30 epochs
         utils.train(step, scheduler, 16)
     _, accuracy, _ = utils.test(model, *(t.to(device) for t in data["test"]), amp=amp)
@@ -92,14 +100,14 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
 def tiny_step(device="cpu", cuda_graph=False, optimizer="sgd"):
     """A TrainStep on 32 random images, its model and its optimizer."""
     torch.manual_seed(0)
-    model = train.Net("bn").to(device, memory_format=utils.memory_format(device))
-    optimizer = utils.make_optimizer(model, optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
+    model = models.Net("bn").to(device, memory_format=devices.memory_format(device))
+    optimizer = optimizers.make_optimizer(model, optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4,
                                      muon_lr=0.03)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (32,), device=device)
     generator = torch.Generator(device).manual_seed(0)
-    return utils.TrainStep(model, optimizer, images, labels, generator,
-                           cuda_graph=cuda_graph), model, optimizer
+    return utils.TrainStep(model, optimizer, images, labels, generator, label_smoothing=0.0,
+                           translate=4, cutout=0, amp=False, cuda_graph=cuda_graph), model, optimizer
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "muon"])
@@ -111,8 +119,8 @@ def test_cuda_graph_step_keeps_the_learning_rate_where_the_scheduler_updates_it(
     graphed, graphed_model, optimizer = tiny_step(cuda_graph=True, optimizer=optimizer_name)
     lrs = [group["lr"] for group in optimizer.param_groups]  # built on the CPU here
     assert all(isinstance(lr, torch.Tensor) for lr in lrs) and optimizer.param_groups[0]["fused"]
-    scheduler = utils.one_cycle(optimizer, total_steps=8)  # up to the peak at step 2, then down
-    plain_scheduler = utils.one_cycle(plain.optimizer, total_steps=8)
+    scheduler = optimizers.one_cycle(optimizer, total_steps=8, warmup_fraction=0.25)  # up to the peak at step 2, then down
+    plain_scheduler = optimizers.one_cycle(plain.optimizer, total_steps=8, warmup_fraction=0.25)
     assert all(lr.item() == 0 for lr in lrs)
     for _ in range(4):
         index = torch.arange(16)
@@ -136,7 +144,7 @@ def test_orthogonalize_gives_the_polar_factor_roughly(shape):
     u = torch.linalg.qr(torch.randn(shape[0], rank))[0]
     v = torch.linalg.qr(torch.randn(shape[1], rank))[0]
     matrix = 5 * u @ torch.diag(torch.logspace(-2, 0, rank)) @ v.T
-    result = utils.orthogonalize(matrix)
+    result = optimizers.orthogonalize(matrix)
     singular_values = torch.linalg.svdvals(result)
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25
     polar = u @ v.T
@@ -145,29 +153,29 @@ def test_orthogonalize_gives_the_polar_factor_roughly(shape):
 
 def test_make_optimizer_refuses_an_unknown_name():
     with pytest.raises(ValueError, match="sgd, muon"):
-        utils.make_optimizer(train.Net("bn"), "adam", lr=0.1, momentum=0.9, weight_decay=0.0,
+        optimizers.make_optimizer(models.Net("bn"), "adam", lr=0.1, momentum=0.9, weight_decay=0.0,
                              muon_lr=0.03)
 
 
 def test_muon_turns_the_normalized_filters_and_gives_the_rest_sgds_step():
     torch.manual_seed(0)
-    model = train.Net("bn", "separable")
+    model = models.Net("bn", "separable")
     filters = model.normalized_filters()
     assert len(filters) == 16  # C1, C2, c3, c6, and two in each of C3-C5 and C7-C9: not C10
     assert not any(f is model.conv10.weight for f in filters)
-    twin = train.Net("bn", "separable")
+    twin = models.Net("bn", "separable")
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for net in (model, twin):
         torch.nn.functional.cross_entropy(net(x), y).backward()
     start = [(f.detach().clone(), f.grad.clone()) for f in filters]
-    utils.make_optimizer(model, "muon", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
-    utils.make_optimizer(twin, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
+    optimizers.make_optimizer(model, "muon", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
+    optimizers.make_optimizer(twin, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
     # A filter: scaled to norm sqrt(rows), then moved against its orthogonalized
     # Nesterov momentum, (1 + 0.9) x the gradient in a first step, at lr 0.03.
     for weight, (before, grad) in zip(filters, start):
         rows = len(weight)
-        turn = utils.orthogonalize(1.9 * grad.reshape(rows, -1)).view_as(grad)
+        turn = optimizers.orthogonalize(1.9 * grad.reshape(rows, -1)).view_as(grad)
         torch.testing.assert_close(weight, before * rows ** 0.5 / before.norm() - 0.03 * turn)
     # The rest (the norms' weights and biases, C10) took SGD's step.
     rest = [(a, b) for a, b in zip(model.parameters(), twin.parameters())
@@ -185,6 +193,7 @@ def test_train_step_takes_a_checkpoint_of_either_kind_of_run(from_graph):
         step, _, optimizer = tiny_step()
         optimizer.load_state_dict(state)
         utils.TrainStep(step.model, optimizer, step.images, step.labels, step.generator,
+                        label_smoothing=0.0, translate=4, cutout=0, amp=False,
                         cuda_graph=cuda_graph)
         group = optimizer.param_groups[0]
         assert isinstance(group["lr"], torch.Tensor) == cuda_graph
@@ -235,7 +244,7 @@ def test_resume_after_a_stop_ends_bit_identical(run_args, tmp_path, monkeypatch,
     assert not (tmp_path / "parts/bn/metrics.json").exists()
     monkeypatch.undo()
 
-    monkeypatch.setattr(utils, "processor_name", lambda device: "another CPU")
+    monkeypatch.setattr(devices, "processor_name", lambda device: "another CPU")
     train.main(run_args(*args, "--resume", out="parts"))
     assert_same_run(tmp_path / "parts/bn", tmp_path / "whole/bn")
     metrics = json.loads((tmp_path / "parts/bn/metrics.json").read_text())
@@ -271,7 +280,7 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         utils.atomic_save({"epoch": 2}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path) == {"epoch": 1}
+    assert checkpoints.load_checkpoint(path) == {"epoch": 1}
 
 
 def test_metrics_file_is_replaced_atomically(tmp_path, monkeypatch):
@@ -308,7 +317,7 @@ def test_figure_is_replaced_atomically(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(run_args, tmp_path,
                                                                           monkeypatch, capsys):
-    real_forward = train.Net.forward
+    real_forward = models.Net.forward
     batches = []
 
     def nan_in_last_batch_of_epoch_two(self, x):
@@ -318,13 +327,13 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_checkpoint(run_arg
             if len(batches) == 3 + 3:  # 80 images / 32 = 3 batches an epoch
                 out = out * float("nan")
         return out
-    monkeypatch.setattr(train.Net, "forward", nan_in_last_batch_of_epoch_two)
+    monkeypatch.setattr(models.Net, "forward", nan_in_last_batch_of_epoch_two)
     with pytest.raises(SystemExit) as stop:
         train.main(run_args("--norm", "bn", "--epochs", "3"))
     assert stop.value.code == 1
     message = capsys.readouterr().err
     assert "NaN or infinite in epoch 2, batch 3 of 3" in message
-    checkpoint = utils.load_checkpoint(tmp_path / "out/bn/checkpoint.pt")
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "out/bn/checkpoint.pt")
     assert len(checkpoint["metrics"]["train_loss"]) == 1
 
 
@@ -423,31 +432,31 @@ def test_checkpoint_with_other_options_is_refused(run_args, tmp_path, capsys):
     train.main(run_args("--norm", "bn"))
     os.remove(tmp_path / "out/bn/metrics.json")
     err = one_line_error(capsys, [*run_args("--norm", "bn", "--lr", "0.01"), "--resume"])
-    assert f"lr={train.LR}" in err  # names the option that differs, with the checkpoint's value
+    assert f"lr={recipe.LR}" in err  # names the option that differs, with the checkpoint's value
 
 
 def test_optimizer_defaults_to_muon_and_the_option_overrides_it():
-    runs = [train.run_options(norm, train.parse_args([])) for norm in ("bn", "ln", "gn")]
+    runs = [recipe.run_options(norm, train.parse_args([])) for norm in ("bn", "ln", "gn")]
     # Per norm, see train.MUON_LR.
     assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [("muon", 0.03), ("muon", 0.015),
                                                                      ("muon", 0.03)]
     args = train.parse_args(["--muon-lr", "0.05"])
-    assert [train.run_options(norm, args)["muon_lr"] for norm in ("bn", "ln", "gn")] == [0.05] * 3
+    assert [recipe.run_options(norm, args)["muon_lr"] for norm in ("bn", "ln", "gn")] == [0.05] * 3
     args = train.parse_args(["--optimizer", "sgd", "--muon-lr", "0.05"])
-    runs = [train.run_options(norm, args) for norm in ("bn", "ln", "gn")]
+    runs = [recipe.run_options(norm, args) for norm in ("bn", "ln", "gn")]
     # No Muon lr where no Muon.
     assert [(run["optimizer"], run["muon_lr"]) for run in runs] == [("sgd", None)] * 3
 
 
 def test_momentum_option_overrides_every_norms_default():
     args = train.parse_args(["--momentum", "0.8"])
-    assert [train.run_options(norm, args)["momentum"] for norm in ("bn", "ln", "gn")] == [0.8] * 3
+    assert [recipe.run_options(norm, args)["momentum"] for norm in ("bn", "ln", "gn")] == [0.8] * 3
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_activation_option_overrides_every_norms_default(activation):
     args = train.parse_args(["--activation", activation])
-    assert [train.run_options(norm, args)["activation"] for norm in ("bn", "ln", "gn")] == [activation] * 3
+    assert [recipe.run_options(norm, args)["activation"] for norm in ("bn", "ln", "gn")] == [activation] * 3
 
 
 def test_checkpoint_of_the_other_precision_is_refused(run_args, tmp_path, capsys):
@@ -467,16 +476,16 @@ def test_checkpoint_of_the_other_precision_is_refused(run_args, tmp_path, capsys
 def test_amp_by_default_only_where_bfloat16_is_faster(monkeypatch, bf16_cpu, options, amp):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_cpu)
     args = train.parse_args(["--device", "cpu", *options])
-    assert {norm: train.run_options(norm, args)["amp"] for norm in amp} == amp
+    assert {norm: recipe.run_options(norm, args)["amp"] for norm in amp} == amp
 
 
 def test_amp_is_off_by_default_on_a_gpu():
-    assert not utils.use_amp(None, torch.device("cuda"))
+    assert not devices.use_amp(None, torch.device("cuda"))
 
 
 def test_amp_is_off_by_default_where_torch_cannot_tell(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # private: may go in a later torch
-    assert not utils.use_amp(None, torch.device("cpu"))
+    assert not devices.use_amp(None, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("device, options, cuda_graph", [
@@ -489,30 +498,30 @@ def test_cuda_graph_by_default_on_cuda_unless_compiled(monkeypatch, device, opti
 
 def test_processor_name_is_the_cpu_model(monkeypatch):
     cpuinfo = "processor\t: 0\nvendor_id\t: Test\nmodel name\t: Test CPU 9000\n"
-    monkeypatch.setattr(utils, "open", lambda path: io.StringIO(cpuinfo), raising=False)
-    assert utils.processor_name(torch.device("cpu")) == "Test CPU 9000"
+    monkeypatch.setattr(devices, "open", lambda path: io.StringIO(cpuinfo), raising=False)
+    assert devices.processor_name(torch.device("cpu")) == "Test CPU 9000"
 
 
 def test_processor_name_adds_the_first_cpus_family_and_model(monkeypatch):
     cpu = "processor\t: {}\ncpu family\t: 26\nmodel\t\t: {}\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n"
     cpuinfo = cpu.format(0, 2) + "\n" + cpu.format(1, 17)
-    monkeypatch.setattr(utils, "open", lambda path: io.StringIO(cpuinfo), raising=False)
-    assert utils.processor_name(torch.device("cpu")) == "AMD EPYC (family 26, model 2)"
+    monkeypatch.setattr(devices, "open", lambda path: io.StringIO(cpuinfo), raising=False)
+    assert devices.processor_name(torch.device("cpu")) == "AMD EPYC (family 26, model 2)"
 
 
 def test_processor_name_without_proc_cpuinfo(monkeypatch):
     def missing(path):
         raise FileNotFoundError(path)
-    monkeypatch.setattr(utils, "open", missing, raising=False)
-    monkeypatch.setattr(utils.platform, "processor", lambda: "")
-    assert utils.processor_name(torch.device("cpu")) == "unknown CPU"
+    monkeypatch.setattr(devices, "open", missing, raising=False)
+    monkeypatch.setattr(devices.platform, "processor", lambda: "")
+    assert devices.processor_name(torch.device("cpu")) == "unknown CPU"
 
 
 @pytest.mark.parametrize("threads, words", [(1, "1 thread"), (2, "2 threads")])
 def test_describe_names_processor_and_threads(monkeypatch, threads, words):
-    monkeypatch.setattr(utils, "processor_name", lambda device: "Test CPU 9000")
-    monkeypatch.setattr(utils.torch, "get_num_threads", lambda: threads)
-    assert utils.describe(torch.device("cpu")) == (
+    monkeypatch.setattr(devices, "processor_name", lambda device: "Test CPU 9000")
+    monkeypatch.setattr(devices.torch, "get_num_threads", lambda: threads)
+    assert devices.describe(torch.device("cpu")) == (
         f"cpu (Test CPU 9000), torch {torch.__version__}, {words}")
 
 
@@ -525,9 +534,9 @@ def test_cli_rejects_unknown_norm_without_traceback():
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
-    """The eval batch size is a speed setting only (utils.eval_batch_size)."""
+    """The eval batch size is a speed setting only (devices.eval_batch_size)."""
     torch.manual_seed(0)
-    model = train.Net(norm, "separable").to(memory_format=utils.memory_format("cpu"))
+    model = models.Net(norm, "separable").to(memory_format=devices.memory_format("cpu"))
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40,))
     loss, accuracy, predictions = utils.test(model, images, labels, batch_size=40)
@@ -595,34 +604,29 @@ def test_val_split_holds_out_the_same_images_whatever_the_seed(image_folder, tmp
     assert not any(bytes(x.numpy()) in train_set for x in a["test"][0])
 
 
-@pytest.mark.parametrize("activation, module, recorded", [
-    ("relu", torch.nn.ReLU, True), ("gelu", torch.nn.GELU, True),
-    # A run made before --blocks and --activation existed: plain blocks and ReLU then.
-    pytest.param("relu", torch.nn.ReLU, False, id="older-run")])
-def test_plots_only_redraws_figures_without_training(activation, module, recorded, run_args, tmp_path,
+@pytest.mark.parametrize("activation, module", [("relu", torch.nn.ReLU), ("gelu", torch.nn.GELU)])
+def test_plots_only_redraws_figures_without_training(activation, module, run_args, tmp_path,
                                                      capsys, monkeypatch):
     train.main(run_args("--norm", "gn", "--blocks", "plain", "--activation", activation))
     metrics_file = tmp_path / "out/gn/metrics.json"
-    if not recorded:
-        metrics = json.loads(metrics_file.read_text())
-        del metrics["blocks"], metrics["activation"]
-        metrics_file.write_text(json.dumps(metrics))
     metrics_before = metrics_file.read_text()
-    for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
+    figures = ["gn_curves.png", "gn_misclassified.png", "gn_confusion.png", "comparison.png",
+               "per_class.png", "misclassified_compared.png"]
+    for name in figures:
         (tmp_path / "out/images" / name).unlink()
     capsys.readouterr()
-    built = []
+    loaded = []
 
-    def net_spy(*args, **kwargs):
-        built.append(models.Net(*args, **kwargs))
-        return built[-1]
-    monkeypatch.setattr(train, "Net", net_spy)
+    def load_spy(*args, **kwargs):
+        loaded.append(models.load(*args, **kwargs))
+        return loaded[-1]
+    monkeypatch.setattr(train, "load", load_spy)
     train.main(run_args("--norm", "gn", "--plots-only"))
     assert "gn epoch" not in capsys.readouterr().out
-    # The run's own blocks and activation, not the defaults.
-    (model,) = built
+    # The run's own blocks and activation, from its model file, not the defaults.
+    (model,) = loaded
     assert model.conv3[0].groups == 1 and isinstance(model.conv3[-1], module)
-    for name in ("gn_curves.png", "gn_misclassified.png", "comparison.png"):
+    for name in figures:
         assert (tmp_path / "out/images" / name).stat().st_size > 0
     assert metrics_file.read_text() == metrics_before
 
@@ -633,7 +637,7 @@ def test_plots_only_without_a_finished_run_is_one_line(run_args, capsys):
 
 def test_one_cycle_rises_to_the_peak_then_falls_to_zero():
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4, momentum=0.9)
-    scheduler = utils.one_cycle(optimizer, total_steps=8)
+    scheduler = optimizers.one_cycle(optimizer, total_steps=8, warmup_fraction=0.25)
     lrs = []
     for _ in range(8):
         lrs.append(optimizer.param_groups[0]["lr"])

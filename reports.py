@@ -1,0 +1,85 @@
+"""What is reported over trained models: the results tables, and the figures that
+compare models image by image and class by class (train.py's report and evaluate.py)."""
+from pathlib import Path
+
+import devices
+import utils
+from utils import CLASSES
+
+
+def predict(models, images, precisions):
+    """{name: (N, 10) softmax outputs} of each model on the uint8 images.
+
+    models: {name: model}; precisions: {name: whether in bfloat16 (amp)}. Each
+    model runs in the device's training layout and its run's precision, so that
+    its accuracy is the one the run measured.
+    """
+    layout = devices.memory_format(images.device)
+    return {name: utils.logits(model.to(images.device, memory_format=layout), images,
+                               amp=precisions[name]).softmax(1)
+            for name, model in models.items()}
+
+
+def compare(probabilities, images, labels, images_dir, eval_split="test"):
+    """Write, for `probabilities` ({name: softmax outputs}, see predict): each model's
+    confusion matrix (<name>_confusion.png), per_class.png and
+    misclassified_compared.png into images_dir; return the per-class table."""
+    images_dir = Path(images_dir)
+    predictions = {name: p.argmax(1) for name, p in probabilities.items()}
+    for name, p in predictions.items():
+        utils.plot_confusion(labels, p, images_dir / f"{file_name(name)}_confusion.png",
+                             f"{name}: confusion matrix on the {eval_split} images")
+    accuracies = {name: utils.per_class_accuracy(labels, p) for name, p in predictions.items()}
+    utils.plot_per_class(accuracies, images_dir / "per_class.png",
+                         f"{eval_split} accuracy per class")
+    utils.plot_misclassified_compared(
+        images, labels, probabilities, images_dir / "misclassified_compared.png",
+        f"{eval_split} images the models disagree on: each model's prediction and confidence")
+    return per_class_table(accuracies, labels, predictions)
+
+
+def recipe_title(all_metrics):
+    """A figure's title naming the runs' recipe and seeds, e.g. 'BN, LN, GN: separable
+    blocks, muon, 20 epochs of batch 128, seed 0 (test)'."""
+    m = all_metrics[0]
+    seeds = sorted({m["seed"] for m in all_metrics})
+    return (", ".join(m["norm"].upper() for m in all_metrics) + f": {m.get('blocks', 'plain')} "
+            f"blocks, {m.get('optimizer', 'sgd')}, {m['epochs']} epochs of batch "
+            f"{m['batch_size']}, seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))} ({m['eval_split']})")
+
+
+def file_name(name):
+    """A model's name as a file name: 'BN' -> 'bn'."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def per_class_table(accuracies, labels, predictions):
+    """A markdown table: each class's accuracy under each model, side by side, and
+    each model's overall accuracy."""
+    names = list(accuracies)
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for k, class_name in enumerate(CLASSES):
+        lines.append(f"| {class_name} | "
+                     + " | ".join(f"{100 * accuracies[name][k]:.1f}%" for name in names) + " |")
+    overall = [(predictions[name] == labels).float().mean().item() for name in names]
+    lines.append("| **all** | " + " | ".join(f"**{100 * a:.2f}%**" for a in overall) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_table(all_metrics):
+    """A markdown table: params, final train and test accuracy per variant.
+
+    Train accuracy twice: averaged over the last epoch's augmented batches,
+    and of the final weights on the un-augmented training images.
+    """
+    split = all_metrics[0]["eval_split"]
+    lines = [f"| model | params | train acc (last epoch, augmented) | train acc (final weights) "
+             f"| {split} acc | s/epoch |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in all_metrics:
+        seconds = sum(m["epoch_seconds"]) / len(m["epoch_seconds"])
+        lines.append(f"| {m['norm'].upper()} | {m['params']:,} | {100 * m['train_acc'][-1]:.2f}% "
+                     f"| {100 * m['train_eval_acc']:.2f}% | {100 * m['test_acc'][-1]:.2f}% "
+                     f"| {seconds:.1f} |")
+    return "\n".join(lines) + "\n"

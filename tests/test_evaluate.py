@@ -1,0 +1,67 @@
+import json
+import re
+
+import pytest
+import torch
+
+import evaluate
+import models
+import train
+import utils
+from test_train import one_line_error
+
+
+@pytest.fixture
+def finished_runs(run_args, tmp_path):
+    """Two variants trained for 2 epochs on the synthetic folder, in tmp_path/out."""
+    train.main(run_args("--norm", "bn"))
+    train.main(run_args("--norm", "gn"))
+    return tmp_path / "out"
+
+
+def evaluate_args(image_folder, tmp_path, *models):
+    return [*map(str, models), "--data-dir", str(image_folder), "--cache-dir",
+            str(tmp_path / "cache"), "--images-dir", str(tmp_path / "evaluation"), "--device", "cpu"]
+
+
+def test_evaluate_reproduces_each_runs_accuracy_and_writes_the_figures(
+        finished_runs, image_folder, tmp_path, capsys):
+    capsys.readouterr()
+    evaluate.main(evaluate_args(image_folder, tmp_path, finished_runs / "bn",
+                                finished_runs / "gn" / "model.pt"))
+    out = capsys.readouterr().out
+    for norm in ("bn", "gn"):
+        recorded = json.loads((finished_runs / norm / "metrics.json").read_text())["test_acc"][-1]
+        line = next(line for line in out.splitlines() if line.startswith(norm.upper() + " "))
+        assert f"test accuracy {100 * recorded:.2f}% (its run recorded {100 * recorded:.2f}%)" in line
+    assert re.search(r"\| class \| BN \| GN \|", out)
+    for name in ("bn_confusion.png", "gn_confusion.png", "per_class.png",
+                 "misclassified_compared.png"):
+        assert (tmp_path / "evaluation" / name).stat().st_size > 0
+
+
+def test_per_class_accuracies_add_up_to_the_overall_accuracy():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (500,), generator=generator)
+    predictions = torch.where(torch.rand(500, generator=generator) < 0.7, labels,
+                              torch.randint(0, 10, (500,), generator=generator))
+    per_class = utils.per_class_accuracy(labels, predictions)
+    counts = torch.bincount(labels, minlength=10)
+    correct = sum(a * n for a, n in zip(per_class, counts.tolist()))
+    assert correct == pytest.approx((predictions == labels).sum().item())
+    assert per_class[3] == pytest.approx(
+        ((predictions == labels) & (labels == 3)).sum().item() / counts[3].item())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: None, "no such file"),
+    (lambda path: path.write_text("not a model"), "not a readable model file"),
+    (lambda path: torch.save({"conv1.weight": torch.zeros(1)}, path), "does not say which network"),
+    (lambda path: torch.save({**models.Net("bn").state_dict(), "conv10.bias": torch.zeros(3)}, path),
+     "names or shapes differ"),
+])
+def test_bad_model_is_one_line_and_exit_code_2(image_folder, tmp_path, capsys, make, message):
+    path = tmp_path / "model.pt"
+    make(path)
+    err = one_line_error(capsys, evaluate_args(image_folder, tmp_path, path), evaluate.main)
+    assert message in err
