@@ -8,10 +8,10 @@ import torch
 def memory_format(device):
     """The layout of the model and its input on `device`.
 
-    channels_last makes the convolutions about 1.5x faster on the CPU (bench.py).
-    On CUDA, NCHW made the full run with --cuda-graph 59 s instead of 70 s on an
-    H200 (README, "On a GPU"): PyTorch's GroupNorm (LN and GN here) works in NCHW
-    only there and copies channels_last input into it.
+    channels_last makes the convolutions faster on the CPU (bench.py's limit rows,
+    docs/performance.md). On CUDA NCHW was faster: PyTorch's GroupNorm (LN and GN
+    here) works in NCHW only there and copies channels_last input into it
+    (docs/history.md names the commit with those runs).
     """
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
@@ -59,7 +59,7 @@ def use_amp(requested, device):
     """Whether to train in bfloat16 mixed precision on `device`: as --amp
     requested, or by default (None) where that is faster.
 
-    Measured (README, "Performance"): faster for all three variants on CPUs with
+    Measured (docs/performance.md): faster for all three variants on CPUs with
     AVX-512 bfloat16 instructions, where oneDNN runs the convolutions in bfloat16:
     an Intel Xeon with AMX matrix units and an AMD EPYC without them; slower on an
     H200, where this small net's step waits on kernel launches and autocast only
@@ -76,8 +76,8 @@ def use_amp(requested, device):
 def use_cuda_graph(requested, device, compiled):
     """Whether to capture each training step as a CUDA graph: as --cuda-graph
     requested, or by default (None) on CUDA unless the model is compiled (the two
-    do not combine). Measured (README, "On a GPU"): the full run in 52-59 s on an
-    H100; 59 s against 176 s eager on an H200; the same accuracy within noise.
+    do not combine). Graphs made the full run about 3x faster on an H200, at the
+    same accuracy (docs/performance.md, "On a GPU").
     """
     if requested is not None:
         return requested
@@ -87,8 +87,8 @@ def use_cuda_graph(requested, device, compiled):
 def eval_batch_size(device):
     """Images per batch when evaluating on `device`.
 
-    On the CPU, batches of 250 keep their activations in the caches: evaluation
-    took 1.7-2.6x less time than in batches of 1,000 (bench.py's eval rows). On
+    On the CPU, batches of 250 keep their activations in the caches and evaluate
+    faster than batches of 1,000 (bench.py's eval rows, docs/performance.md). On
     CUDA, 1,000 makes fewer launches.
     """
     return 250 if torch.device(device).type == "cpu" else 1000

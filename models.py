@@ -47,7 +47,7 @@ class GroupNorm(nn.GroupNorm):
     back in channels_last.
 
     PyTorch's CPU kernels for that case, the backward pass in particular, take
-    about 7x as long as its NCHW kernels (results/speed/gn-layout/); the two copies
+    several times as long as its NCHW kernels (results/speed/gn-layout/); the two copies
     cost less than the difference. Other cases run as they come.
     """
 
@@ -95,8 +95,8 @@ class GlobalAvgPool(nn.Module):
     nn.AdaptiveAvgPool2d(1) computes the same, but on the CPU its backward pass
     hands C7-C9 their gradients in NCHW order while their activations are
     channels_last, and PyTorch's activation backward kernels run several times
-    slower on mixed layouts: training was 1.11x to 1.18x faster without it
-    (results/speed/gap/). avg_pool2d's backward keeps the input's layout.
+    slower on mixed layouts. avg_pool2d's backward keeps the input's layout, and
+    training is faster (results/speed/gap/, docs/model.md).
     """
 
     def forward(self, x):

@@ -1,7 +1,14 @@
-"""Tables over finished train.py runs: several seeds of one recipe, or an ablation.
+"""Tables over finished train.py runs: several seeds of one recipe, an ablation, or
+the time runs took; and the pages that show them, kept up to date.
 
     python summarize.py results results/seed1 results/seed2 > results/seeds.md
-    python summarize.py --ablation results/ablation/runs.txt > results/ablation/ablation.md
+    python summarize.py --ablation results/ablation/runs.txt
+    python summarize.py --times results/speed/zen5 results/gpu/h200-2026-12-04
+    python summarize.py --include results/speed/zen5/bench-1.txt
+    python summarize.py --update README.md docs/*.md
+
+--update regenerates every table of a page that stands between
+`<!-- summarize.py ARGS -->` and `<!-- end -->`: the output of summarize.py ARGS.
 
 Seeds: each folder holds <norm>/metrics.json for the variants it ran; runs that
 differ in anything but the seed are refused, as their mean would mean nothing.
@@ -10,6 +17,7 @@ baseline the list names for it, so every row names the change it made.
 """
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -110,17 +118,77 @@ def ablation(list_path):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def times(folders):
+    """A markdown table: for each train.py output folder, where it ran and how long
+    its variants trained (the sum of their epochs' seconds)."""
+    lines = ["| run | device | torch, threads | s/epoch BN / LN / GN | training, all three |",
+             "|---|---|---|---:|---:|"]
+    for folder in folders:
+        runs = [json.loads((folder / norm / "metrics.json").read_text()) for norm in NORMS
+                if (folder / norm / "metrics.json").exists()]
+        if not runs:
+            sys.exit(f"summarize.py: error: no <norm>/metrics.json in {folder}")
+        per_epoch = " / ".join(f"{sum(m['epoch_seconds']) / len(m['epoch_seconds']):.1f}"
+                               for m in runs)
+        total = sum(sum(m["epoch_seconds"]) for m in runs)
+        m = runs[0]
+        graphs = ", CUDA graphs" if m.get("cuda_graph") else ""
+        lines.append(f"| `{folder}` | {m['processor']}{graphs} | {m['torch']}, "
+                     f"{m['threads']} | {per_epoch} | {total / 60:.1f} min ({total:.0f} s) |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", type=Path,
                         help="output folders of train.py runs, one per seed")
     parser.add_argument("--ablation", type=Path, metavar="LIST",
                         help="instead, one row per run of LIST, with the change it made "
                              "against its baseline (see results/ablation/runs.txt)")
+    parser.add_argument("--include", type=Path, metavar="FILE",
+                        help="instead, FILE as it is: a committed output shown in a page")
+    parser.add_argument("--times", action="store_true",
+                        help="instead, where each folder's runs ran and how long they trained")
+    parser.add_argument("--update", action="store_true",
+                        help="instead, regenerate the tables in the pages (the FOLDERS "
+                             "arguments) between <!-- summarize.py ARGS --> and <!-- end -->")
     args = parser.parse_args(argv)
-    if bool(args.ablation) == bool(args.folders):
-        parser.error("give either seed folders or --ablation LIST")
-    print(ablation(args.ablation) if args.ablation else seeds(args.folders), end="")
+    single = bool(args.ablation) + bool(args.include)
+    modes = single + args.times + args.update
+    if modes > 1 or (modes == 0 and not args.folders) or (single and args.folders):
+        parser.error("give seed folders, or --ablation LIST, --include FILE, --times FOLDERS "
+                     "or --update PAGES")
+    return args
+
+
+def table(argv):
+    """The table that summarize.py ARGV prints."""
+    args = parse_args(argv)
+    if args.ablation:
+        return ablation(args.ablation)
+    if args.include:
+        return args.include.read_text()
+    return times(args.folders) if args.times else seeds(args.folders)
+
+
+GENERATED = re.compile(r"(<!-- summarize\.py (.*?) -->\n).*?(<!-- end -->)", re.DOTALL)
+
+
+def regenerate(page):
+    """The page's text with every generated table made again."""
+    return GENERATED.sub(lambda m: m[1] + table(m[2].split()) + m[3], page)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.update:
+        print(table(argv), end="")
+        return
+    for page in args.folders:
+        text = page.read_text()
+        if (new := regenerate(text)) != text:
+            page.write_text(new)
+            print(f"updated {page}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python train.py --norm bn      # one variant
     python train.py                # all three in turn, then the comparison
 
-Outputs (see README, "Outputs"): <out-dir>/<norm>/{metrics.json, model.pt,
+Outputs (see README, "Usage"): <out-dir>/<norm>/{metrics.json, model.pt,
 checkpoint.pt}, <out-dir>/results.md, and in <images-dir> each variant's curves,
 misclassified images and confusion matrix, and the figures that compare them.
 """

@@ -254,7 +254,7 @@ class TrainStep:
 
     cuda_graph: capture the step as a CUDA graph, one per batch length, and replay
     it. An eager step of this small net is hundreds of tiny kernels that Python
-    launches one at a time, and the GPU waits for them (README, "On a GPU"); a
+    launches one at a time, and the GPU waits for them (docs/performance.md); a
     replay launches them all in one call. A replay repeats the captured kernels on
     the same memory, so the batch's indices are copied into the graph's own index
     tensor, and the learning rate lives on the device (see below).

@@ -3,6 +3,7 @@ import json
 import pytest
 
 import summarize
+from conftest import ROOT
 
 
 def write_run(folder, norm, seed, test_acc, **recipe):
@@ -102,8 +103,38 @@ def test_missing_metrics_file_or_list_is_one_line_error(tmp_path):
 
 
 def test_seed_folders_and_ablation_list_exclude_each_other(tmp_path, capsys):
-    for argv in ([], ["results", "--ablation", "runs.txt"]):
+    for argv in ([], ["results", "--ablation", "runs.txt"], ["--times", "--update", "README.md"],
+                 ["--ablation", "runs.txt", "--include", "a.txt"]):
         with pytest.raises(SystemExit) as exit_info:
             summarize.main(argv)
         assert exit_info.value.code == 2
-    assert "either seed folders or --ablation LIST" in capsys.readouterr().err
+        assert "give seed folders, or --ablation LIST" in capsys.readouterr().err
+
+
+def test_times_gives_each_folders_machine_and_training_time(tmp_path, capsys):
+    for norm, seconds in (("bn", [10.0, 20.0]), ("gn", [30.0, 30.0])):
+        write_run(tmp_path / "run", norm, 0, 0.8, processor="Test CPU", torch="2.99", threads=2,
+                  epoch_seconds=seconds)
+    summarize.main(["--times", str(tmp_path / "run")])
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == f"| `{tmp_path / 'run'}` | Test CPU | 2.99, 2 | 15.0 / 30.0 | 1.5 min (90 s) |"
+
+
+def test_update_regenerates_the_tables_between_the_markers_only(tmp_path, capsys):
+    write_run(tmp_path / "seed0", "gn", 0, 0.80)
+    page = tmp_path / "page.md"
+    page.write_text(f"intro 12.34%\n<!-- summarize.py {tmp_path / 'seed0'} -->\n| stale |\n"
+                    "<!-- end -->\nafter\n")
+    summarize.main(["--update", str(page)])
+    text = page.read_text()
+    assert "| stale |" not in text and "| GN | 49,290 | 0 | 80.00% |" in text
+    assert text.startswith("intro 12.34%\n<!-- summarize.py ") and text.endswith("<!-- end -->\nafter\n")
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])
+def test_generated_tables_of_the_pages_match_the_committed_results(page):
+    """A number in a generated table is never edited by hand: the page equals what
+    `python summarize.py --update` makes of it from the committed runs."""
+    path = ROOT / page if page == "README.md" else ROOT / "docs" / page
+    text = path.read_text()
+    assert summarize.regenerate(text) == text
