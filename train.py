@@ -74,6 +74,10 @@ def output_files(norm, args):
 
 
 def check_not_clobbering(files, args):
+    run_dir = files["metrics"].parent
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, where the run's folder must go; move it "
+                        "away, or choose another --out-dir")
     if args.overwrite or (args.resume and files["checkpoint"].exists()):
         return
     existing = [str(path) for path in files.values() if path.exists()]
@@ -84,14 +88,19 @@ def check_not_clobbering(files, args):
                         "replace them, or choose another --out-dir")
 
 
+DATA_KEYS = ("data_source", "train_size", "test_size")  # what identifies a run's data
+
+
 def restore(checkpoint, run, model, optimizer, scheduler, generator, path):
     """Load a checkpoint into the run, or raise UserError before changing anything."""
     expected_keys = {"run", "model", "optimizer", "scheduler", "rng", "metrics"}
     if not isinstance(checkpoint, dict) or not expected_keys <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py; "
                         "pass --overwrite to start afresh")
-    saved_run = checkpoint["run"]
-    if (different := [key for key in recipe.RUN_OPTIONS if saved_run.get(key) != run[key]]):
+    # The data must be the same too: the options say nothing of it.
+    saved_run = {**checkpoint["run"], **{key: checkpoint["metrics"].get(key) for key in DATA_KEYS}}
+    if (different := [key for key in [*recipe.RUN_OPTIONS, *DATA_KEYS]
+                      if saved_run.get(key) != run[key]]):
         raise UserError(f"{path} was made with other options "
                         + ", ".join(f"{key}={saved_run.get(key)!r}" for key in different)
                         + "; resume with the same options, or pass --overwrite to start afresh")
@@ -143,13 +152,20 @@ def run_variant(norm, args, data, device):
                "test_size": len(test_labels), "train_loss": [], "train_acc": [],
                "test_loss": [], "test_acc": [], "epoch_seconds": []}
     if checkpoint is not None:
-        metrics = restore(checkpoint, run, model, optimizer, scheduler, generator,
-                          files["checkpoint"])
+        data_identity = {key: metrics[key] for key in DATA_KEYS}
+        metrics = restore(checkpoint, {**run, **data_identity}, model, optimizer, scheduler,
+                          generator, files["checkpoint"])
         print(f"resuming from epoch {len(metrics['train_loss'])} of {args.epochs}")
         # The run's machine fields say where it started; its epoch_seconds from here
         # on may come from another machine.
-        metrics.setdefault("resumed", []).append(
-            {"epoch": len(metrics["train_loss"]) + 1, **machine(device)})
+        if len(metrics["train_loss"]) < args.epochs:
+            metrics.setdefault("resumed", []).append(
+                {"epoch": len(metrics["train_loss"]) + 1, **machine(device)})
+    elif args.overwrite:
+        # The old run's outputs go first: an interrupted --overwrite must not leave
+        # them beside the new run's checkpoint.
+        for path in files.values():
+            path.unlink(missing_ok=True)
     step_model = torch.compile(model) if args.compile else model
     step = recipe.make_step(run, step_model, optimizer, train_images, train_labels, generator,
                             cuda_graph=args.cuda_graph)
@@ -173,11 +189,11 @@ def run_variant(norm, args, data, device):
         print(f"{norm} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
               f"acc {100 * train_acc:5.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  "
               f"{seconds:5.1f}s", flush=True)
-        utils.atomic_save({"run": run,
-                           "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(),
-                           "rng": checkpoints.rng_states(generator), "metrics": metrics},
-                          files["checkpoint"])
+        checkpoints.save_checkpoint({"run": run,
+                                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(),
+                                     "rng": checkpoints.rng_states(generator), "metrics": metrics},
+                                    files["checkpoint"])
 
     _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels,
                                                  amp=run["amp"])
@@ -187,8 +203,16 @@ def run_variant(norm, args, data, device):
 
 def finished_runs(args):
     """{norm: metrics} of every variant finished in OUT_DIR."""
-    paths = {norm: output_files(norm, args)["metrics"] for norm in NORMS}
-    return {norm: json.loads(path.read_text()) for norm, path in paths.items() if path.exists()}
+    runs = {}
+    for norm in NORMS:
+        path = output_files(norm, args)["metrics"]
+        if path.exists():
+            try:
+                runs[norm] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                raise UserError(f"{path} is not readable JSON; train the variant again "
+                                "with --overwrite") from None
+    return runs
 
 
 def write_report(args, data):
@@ -227,44 +251,61 @@ def write_report(args, data):
 # Main
 # ----------------------------------------------------------------------------
 
-def stop_on_sigterm(signum, frame):
+def stop(signum, frame):
+    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that the
+    stop itself (its message, the lock's release) is not cut short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         cli.check_writable(args.out_dir, "--out-dir")
         cli.check_writable(args.images_dir, "--images-dir")
-        start = time.perf_counter()
-        if args.plots_only and not finished_runs(args):
-            raise UserError(f"no finished run in {args.out_dir} to report on")
-        data = utils.load_cifar10(args.data_dir, args.cache_dir)
-        if args.val_split:
-            data = utils.hold_out(data, args.val_split)
-        print(devices.describe(args.device))
-        print(f"data: {data['source']}: {len(data['train'][1]):,} train, "
-              f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
-        if args.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        if not args.plots_only:
-            for norm in NORMS if args.norm == "all" else [args.norm]:
-                check_not_clobbering(output_files(norm, args), args)
-            for norm in NORMS if args.norm == "all" else [args.norm]:
-                run_variant(norm, args, data, args.device)
-        write_report(args, data)
-        seconds = time.perf_counter() - start
-        print(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
+        with checkpoints.FolderLock(args.out_dir):
+            train_and_report(args)
     except UserError as error:
         cli.fail(error)
     except utils.NonFiniteLoss as error:
         cli.fail(error, code=1)
     except KeyboardInterrupt:
+        kept = [str(p) for p in args.out_dir.glob("*/checkpoint.pt")]
         command = " ".join(["python", *sys.argv])
-        print(f"\ninterrupted: the checkpoint of the last finished epoch is kept in {args.out_dir}; "
-              f"resume with: {command}{'' if args.resume else ' --resume'}", file=sys.stderr)
+        print("\ninterrupted: " + (f"the checkpoints of the last finished epochs are kept "
+                                   f"({', '.join(kept)}); resume with: "
+                                   f"{command}{'' if args.resume else ' --resume'}"
+                                   if kept else "no epoch had finished, so no checkpoint "
+                                   "was written"), file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def train_and_report(args):
+    start = time.perf_counter()
+    if args.plots_only and not finished_runs(args):
+        raise UserError(f"no finished run in {args.out_dir} to report on")
+    norms = [] if args.plots_only else NORMS if args.norm == "all" else [args.norm]
+    for norm in norms:  # all of them before any trains
+        check_not_clobbering(output_files(norm, args), args)
+    data = utils.load_cifar10(args.data_dir, args.cache_dir)
+    if args.val_split:
+        data = utils.hold_out(data, args.val_split)
+    print(devices.describe(args.device))
+    print(f"data: {data['source']}: {len(data['train'][1]):,} train, "
+          f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for norm in norms:
+        run_variant(norm, args, data, args.device)
+    write_report(args, data)
+    seconds = time.perf_counter() - start
+    print(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":

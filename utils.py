@@ -5,6 +5,7 @@ needs as arguments. train.py and evaluate.py are the front ends.
 """
 import collections
 import hashlib
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
@@ -79,33 +80,39 @@ def hold_out(data, count):
             "eval_split": "validation"}
 
 
-def _cached(folder, cache_dir, read, name=None):
-    """read(), cached in cache_dir until the listing of `folder` changes.
+def _signature(folder):
+    """A digest of the name, size and modification time of every file below `folder`:
+    adding, removing, renaming or replacing a file changes it."""
+    entries = sorted((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns)
+                     for path, stat in ((p, p.stat()) for p in folder.rglob("*")))
+    return hashlib.sha256(repr(entries).encode()).hexdigest()
 
-    The signature is the modification time and entry count of `folder` and of
-    each folder in it: adding, removing or renaming files changes it.
-    Editing a file in place does not; delete the cache to force a re-read.
+
+def _cached(folder, cache_dir, read, name=None):
+    """read(), cached in cache_dir until a file in `folder` changes (_signature).
+
+    The cache carries a digest of its content: a corrupt cache is rebuilt, with a
+    warning. A cache that cannot be written is a warning too: the run goes on.
     """
     if not folder.is_dir():
         raise UserError(f"{folder} is missing: an image-folder data set needs both "
                         "train/<class>/ and test/<class>/")
-    signature = [(p.name, p.stat().st_mtime_ns, len(os.listdir(p)))
-                 for p in sorted([folder, *folder.iterdir()]) if p.is_dir()]
+    signature = _signature(folder)
     name = name or folder.name
     digest = hashlib.sha1(f"{folder.resolve()}|{name}".encode()).hexdigest()[:16]
     cache_file = Path(cache_dir) / f"{name}-{digest}.pt"
     if cache_file.exists():
         try:
-            cached = torch.load(cache_file, weights_only=True)
+            cached = load_verified(cache_file)
             if cached["signature"] == signature:
                 return cached["images"], cached["labels"]
-        except Exception:
-            pass  # an unreadable cache is rebuilt below
+        except Exception as error:  # an unreadable cache is rebuilt below
+            print(f"warning: the data cache {cache_file} is unreadable ({error}); rebuilding it")
     images, labels = read()
     try:
-        atomic_save({"signature": signature, "images": images, "labels": labels}, cache_file)
-    except OSError as error:
-        print(f"warning: could not write the data cache {cache_file}: {error.strerror}")
+        save_verified({"signature": signature, "images": images, "labels": labels}, cache_file)
+    except UserError as error:
+        print(f"warning: the data cache was not saved: {error}")
     return images, labels
 
 
@@ -132,9 +139,13 @@ def _read_image_folder(split_dir):
         files += class_files
         labels += [label] * len(class_files)
 
-    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+    import PIL.Image  # noqa: F401  here, not first in a worker: an import there can hang a stop
+    pool = ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1))
+    try:
         decoded = list(tqdm(pool.map(_decode_image, files), total=len(files),
                             desc=f"decoding {split_dir}", disable=None, leave=False))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # an interrupt does not wait for the rest
     unreadable = [str(f) for f, image in zip(files, decoded) if image is None]
     if unreadable:
         shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
@@ -142,6 +153,8 @@ def _read_image_folder(split_dir):
     kept = [i for i, image in enumerate(decoded) if image is not None]
     if not kept:
         raise UserError(f"{split_dir} has no readable images")
+    if empty := sorted(set(CLASSES) - {CLASSES[labels[i]] for i in kept}):
+        raise UserError(f"{split_dir} has no readable images of class(es) {', '.join(empty)}")
     images = torch.from_numpy(np.stack([decoded[i] for i in kept])).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor([labels[i] for i in kept])
 
@@ -382,17 +395,52 @@ def per_class_accuracy(labels, predictions):
 # ----------------------------------------------------------------------------
 
 def _replace_atomically(path, write):
-    """write(temporary path), then rename it to `path`: a crash never leaves half a file."""
+    """write(temporary path), then rename it to `path`: a crash never leaves half a
+    file, and two processes never share a temporary file (its name is unique). A
+    failed write (a full or read-only disk) removes the temporary file and raises
+    UserError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise UserError(f"could not write {path} ({reason}); free some space, or choose "
+                        "another folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj, path):
     """torch.save `obj` to `path`, atomically."""
     _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+DIGEST_HEADER = b"cifar-norms sha256 "
+
+
+def save_verified(obj, path):
+    """torch.save `obj` to `path`, atomically, behind a digest of its bytes that
+    load_verified checks: flipped bytes are noticed, not used."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    header = DIGEST_HEADER + hashlib.sha256(data).hexdigest().encode() + b"\n"
+    _replace_atomically(path, lambda tmp: tmp.write_bytes(header + data))
+
+
+def load_verified(path, weights_only=True):
+    """What save_verified wrote to `path`. Raises FileNotFoundError, or ValueError
+    when the file is not of save_verified or its bytes differ from their digest."""
+    raw = Path(path).read_bytes()
+    header, _, data = raw.partition(b"\n")
+    if not header.startswith(DIGEST_HEADER):
+        raise ValueError("no digest")
+    if hashlib.sha256(data).hexdigest().encode() != header[len(DIGEST_HEADER):]:
+        raise ValueError("its content does not match its digest: the file is corrupt")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
 
 
 def atomic_write_text(text, path):

@@ -1,3 +1,4 @@
+import errno
 import io
 import json
 import os
@@ -55,7 +56,7 @@ def test_all_three_variants_write_every_output(run_args, tmp_path, capsys):
         activation = {"bn": "ReLU", "ln": "GELU", "gn": "GELU"}[norm]  # and train.ACTIVATION
         assert metrics["activation"] == activation.lower()
         assert f"{activation}-3 " in out.split(f"=== {norm.upper()}:")[1]  # in its summary
-        checkpoint = torch.load(tmp_path / "out" / norm / "checkpoint.pt", weights_only=False)
+        checkpoint = checkpoints.load_checkpoint(tmp_path / "out" / norm / "checkpoint.pt")
         assert metrics["momentum"] == checkpoint["optimizer"]["param_groups"][0]["momentum"] == momentum
         assert metrics["optimizer"] == "muon"  # train.OPTIMIZER
         assert len(checkpoint["optimizer"]["param_groups"]) == 2  # Muon's and SGD's
@@ -266,21 +267,71 @@ def test_sigterm_keeps_the_checkpoint_and_says_how_to_resume(run_args, tmp_path)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
     assert "--resume" in stderr and "Traceback" not in stderr
-    assert torch.load(checkpoint, weights_only=False)["metrics"]["train_loss"]
+    assert checkpoints.load_checkpoint(checkpoint)["metrics"]["train_loss"]
 
 
-def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
+def disk_full(self, *args, **kwargs):
+    """A write that gets half way, then finds the disk full."""
+    open(self, "wb").write(b"half a fi")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_checkpoint_is_replaced_atomically_and_a_full_disk_leaves_no_temporary_file(
+        tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    utils.atomic_save({"epoch": 1}, path)
-
-    def crash_mid_write(obj, f):
-        open(f, "wb").write(b"half a fi")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError):
-        utils.atomic_save({"epoch": 2}, path)
+    checkpoints.save_checkpoint({"epoch": 1}, path)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(utils.UserError, match="could not write .*checkpoint.pt .No space left"):
+        checkpoints.save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert checkpoints.load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_torch_saves_failure_on_a_full_disk_is_a_user_error_too(tmp_path, monkeypatch):
+    def torch_disk_full(obj, f):
+        open(f, "wb").write(b"PK")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", torch_disk_full)
+    with pytest.raises(utils.UserError, match="could not write .*model.pt"):
+        utils.atomic_save({}, tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_during_a_run_is_one_line_and_leaves_no_temporary_file(run_args, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(Path, "write_bytes", disk_full)  # the checkpoint's write
+    err = one_line_error(capsys, run_args("--norm", "bn"))
+    assert "No space left on device" in err
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(image_folder, tmp_path,
+                                                                          capsys, monkeypatch):
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    data = utils.load_cifar10(image_folder, tmp_path / "cache")
+    assert len(data["train"][1]) == 80
+    assert "warning: the data cache was not saved" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "cache"])
+def test_flipped_bytes_in_a_checkpoint_or_the_cache_are_noticed(run_args, image_folder, tmp_path,
+                                                                capsys, target):
+    train.main(run_args("--norm", "bn", "--epochs", "1"))
+    path = (tmp_path / "out/bn/checkpoint.pt" if target == "checkpoint"
+            else next((tmp_path / "cache").glob("train-*.pt")))
+    raw = bytearray(path.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 400):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    if target == "checkpoint":
+        err = one_line_error(capsys, run_args("--norm", "bn", "--epochs", "1", "--resume"))
+        assert "does not match its digest" in err
+    else:
+        utils.load_cifar10(image_folder, tmp_path / "cache")
+        assert "does not match its digest" in capsys.readouterr().out
 
 
 def test_metrics_file_is_replaced_atomically(tmp_path, monkeypatch):
@@ -291,7 +342,7 @@ def test_metrics_file_is_replaced_atomically(tmp_path, monkeypatch):
         open(self, "w").write(text[:3])
         raise OSError("disk full")
     monkeypatch.setattr(Path, "write_text", crash_mid_write)
-    with pytest.raises(OSError):
+    with pytest.raises(utils.UserError):
         utils.atomic_write_text('{"epochs": 2}', path)
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"epochs": 1}
@@ -309,7 +360,7 @@ def test_figure_is_replaced_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
     import matplotlib.figure
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", crash_mid_write)
-    with pytest.raises(OSError):
+    with pytest.raises(utils.UserError):
         utils.plot_curves({**metrics, "train_loss": [2.0]}, path)
     monkeypatch.undo()
     assert path.read_bytes() == first and first.startswith(b"\x89PNG\r\n")
@@ -371,6 +422,10 @@ def one_line_error(capsys, argv, main=train.main):
     ("--muon-lr", "0", "must be above 0"),
     ("--optimizer", "adam", "invalid choice: 'adam'"),
     ("--device", "gpu7", "not a device"),
+    ("--seed", "-1", "must be at least 0"),
+    ("--seed", str(2**70), "at most 4294967295"),
+    ("--label-smoothing", "2", "below 1.0"),
+    ("--momentum", "5", "below 1.0"),
 ])
 def test_bad_option_is_one_line_and_exit_code_2(run_args, capsys, option, value, message):
     assert message in one_line_error(capsys, [*run_args(), option, value])
@@ -667,3 +722,66 @@ def test_resume_after_sigkill_ends_bit_identical(run_args, tmp_path):
 
     train.main(run_args(*args, "--resume", out="killed"))
     assert_same_run(tmp_path / "killed/gn", tmp_path / "whole/gn")
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_at_once(run_args, tmp_path):
+    first = [sys.executable, str(ROOT / "train.py"), *run_args("--norm", "bn", "--seed", "1")]
+    first[first.index("--epochs") + 1] = "500"
+    process = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "out/bn/checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                                 *run_args("--norm", "bn", "--seed", "2")],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "another run is writing to" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        process.kill()
+        process.wait()
+    with checkpoints.FolderLock(tmp_path / "out"):
+        pass  # a killed run holds no lock
+
+
+def test_norm_all_checks_every_variants_outputs_before_training_any(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "gn", "--epochs", "1"))
+    capsys.readouterr()
+    err = one_line_error(capsys, run_args())
+    assert "gn" in err and "earlier run" in err
+    assert not (tmp_path / "out/bn").exists()
+
+
+def test_resume_with_other_data_is_refused(run_args, tmp_path, capsys):
+    from conftest import write_image_folder
+    train.main(run_args("--norm", "bn", "--epochs", "1"))
+    (tmp_path / "out/bn/metrics.json").unlink()  # as if stopped after the epoch
+    other = write_image_folder(tmp_path / "other", train_per_class=4)
+    argv = run_args("--norm", "bn", "--epochs", "1", "--resume")
+    argv[argv.index("--data-dir") + 1] = str(other)
+    err = one_line_error(capsys, argv)
+    assert "data_source" in err and "train_size" in err
+
+
+def test_resume_of_a_finished_run_records_no_resumption(run_args, tmp_path):
+    train.main(run_args("--norm", "bn", "--epochs", "1"))
+    train.main(run_args("--norm", "bn", "--epochs", "1", "--resume"))
+    assert "resumed" not in json.loads((tmp_path / "out/bn/metrics.json").read_text())
+
+
+def test_a_class_of_only_unreadable_files_is_one_line(run_args, image_folder, capsys):
+    for path in (image_folder / "train" / "cat").iterdir():
+        path.write_text("not an image")
+    assert "no readable images of class(es) cat" in one_line_error(capsys, run_args())
+
+
+def test_plots_only_with_a_corrupt_metrics_file_is_one_line(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "bn", "--epochs", "1"))
+    (tmp_path / "out/bn/metrics.json").write_text("{not json")
+    assert "not readable JSON" in one_line_error(capsys, run_args("--plots-only"))
+
+
+def test_a_file_where_a_run_folder_goes_is_one_line(run_args, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/bn").write_text("")
+    assert "is a file" in one_line_error(capsys, run_args("--norm", "bn"))
