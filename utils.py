@@ -139,13 +139,14 @@ def _read_image_folder(split_dir):
         files += class_files
         labels += [label] * len(class_files)
 
-    import PIL.Image  # noqa: F401  here, not first in a worker: an import there can hang a stop
-    pool = ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1))
-    try:
+    # PIL imports its format plugins on first use: here, not in a worker, where an
+    # import under way when a stop comes can leave the threads waiting on each other.
+    from PIL import Image
+    Image.init()
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        # An interrupt cancels the images not yet decoded (map's iterator does, on close).
         decoded = list(tqdm(pool.map(_decode_image, files), total=len(files),
                             desc=f"decoding {split_dir}", disable=None, leave=False))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # an interrupt does not wait for the rest
     unreadable = [str(f) for f, image in zip(files, decoded) if image is None]
     if unreadable:
         shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
