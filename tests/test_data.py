@@ -37,6 +37,15 @@ def test_second_load_comes_from_cache_until_files_change(image_folder, tmp_path,
     assert len(third["train"][1]) == 81
 
 
+def test_a_file_replaced_under_the_same_name_rebuilds_the_cache(image_folder, tmp_path):
+    utils.load_cifar10(image_folder, tmp_path / "cache")
+    replaced = image_folder / "test" / "cat" / "0000.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(replaced)  # another size on disk, another time
+    test_images, test_labels = utils.load_cifar10(image_folder, tmp_path / "cache")["test"]
+    index = (test_labels == utils.CLASSES.index("cat")).nonzero()[0].item()
+    assert test_images[index, :, 0, 0].tolist() == [1, 2, 3]
+
+
 def write_fake_torchvision_files(root):
     """The five training batches, test batch and meta file of cifar-10-python, tiny."""
     folder = root / "cifar-10-batches-py"

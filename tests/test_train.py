@@ -805,3 +805,32 @@ def test_sigterm_while_images_are_decoded_ends_the_process_promptly(run_args, tm
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130 and "Traceback" not in stderr
     assert time.perf_counter() - start < 2
+
+
+def test_a_second_stop_signal_is_ignored_while_the_first_stops_the_run():
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.stop(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_overwrite_removes_the_old_outputs_before_training(run_args, tmp_path, monkeypatch, capsys):
+    train.main(run_args("--norm", "bn", "--epochs", "1"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(utils, "train", interrupted)
+    with pytest.raises(SystemExit):
+        train.main(run_args("--norm", "bn", "--epochs", "1", "--overwrite"))
+    assert not (tmp_path / "out/bn/metrics.json").exists()
+    assert not (tmp_path / "out/bn/model.pt").exists()
+    assert "no epoch had finished, so no checkpoint was written" in capsys.readouterr().err
+
+
+def test_plots_only_with_a_missing_model_is_one_line(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "bn", "--epochs", "1"))
+    (tmp_path / "out/bn/model.pt").unlink()
+    assert "model.pt: no such file" in one_line_error(capsys, run_args("--plots-only"))
