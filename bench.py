@@ -175,7 +175,6 @@ def parse_args(argv=None):
     cli.add_data_options(parser)
     parser.add_argument("--synthetic", type=positive_int, metavar="N",
                         help="use N random images instead of CIFAR-10 (smoke test)")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     cli.add_device_options(parser)
     args = parser.parse_args(argv)
     cli.resolve_device(parser, args)

@@ -96,8 +96,6 @@ def add_recipe_options(parser):
     parser.add_argument("--cutout", type=int, choices=range(0, 33), default=recipe.CUTOUT,
                         metavar="0..32",
                         help="side of the random cutout square, 0 for none (default: %(default)s)")
-    parser.add_argument("--seed", type=seed_int, default=0,
-                        help="0 to 2**32-1 (default: %(default)s)")
 
 
 def add_data_options(parser):
@@ -114,6 +112,8 @@ def add_device_options(parser, training=True):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
     if training:
+        parser.add_argument("--threads", type=positive_int,
+                            help="CPU threads of torch (default: torch's, one per core)")
         parser.add_argument("--compile", action="store_true", help="torch.compile the model")
         parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                             help="on CUDA, capture each training step as a CUDA graph and replay "

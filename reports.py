@@ -43,7 +43,8 @@ def recipe_title(all_metrics):
     blocks, muon, 20 epochs of batch 128, seed 0 (test)'."""
     m = all_metrics[0]
     seeds = sorted({m["seed"] for m in all_metrics})
-    return (", ".join(m["norm"].upper() for m in all_metrics) + f": {m.get('blocks', 'plain')} "
+    norms = dict.fromkeys(m["norm"].upper() for m in all_metrics)
+    return (", ".join(norms) + f": {m.get('blocks', 'plain')} "
             f"blocks, {m.get('optimizer', 'sgd')}, {m['epochs']} epochs of batch "
             f"{m['batch_size']}, seed{'s' if len(seeds) > 1 else ''} "
             f"{', '.join(map(str, seeds))} ({m['eval_split']})")
@@ -52,6 +53,28 @@ def recipe_title(all_metrics):
 def file_name(name):
     """A model's name as a file name: 'BN' -> 'bn'."""
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def seeds_table(runs):
+    """A markdown table over several seeds of the same recipe.
+
+    `runs` maps each variant's name to its list of metrics, one per seed.
+    Final test (or validation) accuracy as mean and range; train accuracy of
+    the final weights on the un-augmented training images, as mean.
+    """
+    any_run = next(iter(runs.values()))[0]
+    split = any_run["eval_split"]
+    lines = [f"| model | params | seeds | {split} acc, mean | {split} acc, min / max "
+             f"| train acc (final weights), mean |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for norm, metrics in runs.items():
+        final = [100 * m["test_acc"][-1] for m in metrics]
+        train = [100 * m["train_eval_acc"] for m in metrics]
+        seed_list = ", ".join(str(m["seed"]) for m in metrics)
+        lines.append(f"| {norm.upper()} | {metrics[0]['params']:,} | {seed_list} "
+                     f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
+                     f"| {sum(train) / len(train):.2f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def per_class_table(accuracies, labels, predictions):

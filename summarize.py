@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import recipe
+import reports
 from models import NORMS
 
 def seeds(folders):
@@ -38,29 +39,7 @@ def seeds(folders):
         runs[norm] = metrics
     if not runs:
         sys.exit("summarize.py: error: no <norm>/metrics.json in the folders given")
-    return seeds_table(runs)
-
-
-def seeds_table(runs):
-    """A markdown table over several seeds of the same recipe.
-
-    `runs` maps each variant's name to its list of metrics, one per seed.
-    Final test (or validation) accuracy as mean and range; train accuracy of
-    the final weights on the un-augmented training images, as mean.
-    """
-    any_run = next(iter(runs.values()))[0]
-    split = any_run["eval_split"]
-    lines = [f"| model | params | seeds | {split} acc, mean | {split} acc, min / max "
-             f"| train acc (final weights), mean |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for norm, metrics in runs.items():
-        final = [100 * m["test_acc"][-1] for m in metrics]
-        train = [100 * m["train_eval_acc"] for m in metrics]
-        seed_list = ", ".join(str(m["seed"]) for m in metrics)
-        lines.append(f"| {norm.upper()} | {metrics[0]['params']:,} | {seed_list} "
-                     f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
-                     f"| {sum(train) / len(train):.2f}% |")
-    return "\n".join(lines) + "\n"
+    return reports.seeds_table(runs)
 
 
 def changes(metrics, reference):

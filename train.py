@@ -7,8 +7,12 @@ Outputs (see README, "Usage"): <out-dir>/<norm>/{metrics.json, model.pt,
 checkpoint.pt}, <out-dir>/results.md, and in <images-dir> each variant's curves,
 misclassified images and confusion matrix, and the figures that compare them.
 """
+import argparse
+import contextlib
 import json
 import math
+import multiprocessing as mp
+import multiprocessing.connection
 import signal
 import sys
 import time
@@ -36,6 +40,13 @@ def parse_args(argv=None):
     parser.add_argument("--norm", choices=[*NORMS, "all"], default="all",
                         help="normalization variant to train (default: all three in turn)")
     cli.add_recipe_options(parser)
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=cli.seed_int, default=0,
+                       help="0 to 2**32-1; seed N > 0 writes to OUT_DIR/seedN (default: %(default)s)")
+    seeds.add_argument("--seeds", type=cli.seed_int, nargs="+", metavar="SEED",
+                       help="train every norm with each seed, each run where --seed would put "
+                            "it, then compare over the seeds (OUT_DIR/seeds.md, seeds.png); on "
+                            "a CPU of several cores, runs side by side, one thread each")
     parser.add_argument("--val-split", type=cli.non_negative_int, default=0, metavar="N",
                         help="hold out N training images (the same N for every seed) and evaluate "
                              "on them instead of the test set, to choose hyperparameters "
@@ -58,7 +69,17 @@ def parse_args(argv=None):
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     args.images_dir = args.images_dir or args.out_dir / "images"
+    args.seeds = list(dict.fromkeys(args.seeds or [args.seed]))
     return args
+
+
+def seed_args(args, seed):
+    """The options of the runs of one seed: seed 0 writes to OUT_DIR and IMAGES_DIR,
+    seed N to OUT_DIR/seedN and IMAGES_DIR/seedN."""
+    def folder(path):
+        return path if seed == 0 else path / f"seed{seed}"
+    return argparse.Namespace(**{**vars(args), "seed": seed, "out_dir": folder(args.out_dir),
+                                 "images_dir": folder(args.images_dir)})
 
 
 # ----------------------------------------------------------------------------
@@ -121,7 +142,9 @@ def machine(device):
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def run_variant(norm, args, data, device):
+def run_variant(norm, args, data, device, summary=True):
+    """Train one norm with args.seed; summary: print torchsummary's table first."""
+    name = norm if len(args.seeds) == 1 else f"{norm} seed {args.seed}"
     files = output_files(norm, args)
     checkpoint = checkpoints.load_checkpoint(files["checkpoint"]) if (
         args.resume and files["checkpoint"].exists()) else None
@@ -130,12 +153,12 @@ def run_variant(norm, args, data, device):
     run = recipe.run_options(norm, args)
     model = Net(norm, run["blocks"], run["activation"])
     params = count_parameters(model)
-    print(f"\n=== {norm.upper()}: {params:,} trainable parameters ===")
-    if checkpoint is None:
-        from torchsummary import summary
+    print(f"\n=== {name.upper()}: {params:,} trainable parameters ===")
+    if checkpoint is None and summary:
+        import torchsummary
         # On the CPU, before the move: on CUDA torchsummary would put its input on cuda:0
         # whatever the device, and cuDNN would tune its algorithms for a batch of 2.
-        summary(model.eval(), (3, 32, 32), device="cpu")
+        torchsummary.summary(model.eval(), (3, 32, 32), device="cpu")
         checkpoints.seed_everything(args.seed)  # the summary's forward pass drew random numbers
     model = model.to(device, memory_format=devices.memory_format(device))
 
@@ -174,10 +197,10 @@ def run_variant(norm, args, data, device):
         start = time.perf_counter()
         try:
             train_loss, train_acc = utils.train(step, scheduler, args.batch_size,
-                                                desc=f"{norm} epoch {epoch}")
+                                                desc=f"{name} epoch {epoch}")
         except utils.NonFiniteLoss as error:
             raise utils.NonFiniteLoss(
-                f"{norm}: the loss became NaN or infinite in epoch {epoch}, {error}. "
+                f"{name}: the loss became NaN or infinite in epoch {epoch}, {error}. "
                 f"The last good checkpoint ({files['checkpoint']}) is kept; "
                 "try a lower --lr") from None
         test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=run["amp"])
@@ -186,7 +209,7 @@ def run_variant(norm, args, data, device):
                            ("test_loss", test_loss), ("test_acc", test_acc),
                            ("epoch_seconds", seconds)]:
             metrics[key].append(value)
-        print(f"{norm} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
+        print(f"{name} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
               f"acc {100 * train_acc:5.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  "
               f"{seconds:5.1f}s", flush=True)
         checkpoints.save_checkpoint({"run": run,
@@ -240,8 +263,8 @@ def write_report(args, data):
                                  f"{norm.upper()}: misclassified {eval_split} images")
     per_class = reports.compare(probabilities, images, labels, args.images_dir, eval_split)
     all_metrics = list(runs.values())
-    utils.plot_comparison(all_metrics, args.images_dir / "comparison.png",
-                          reports.recipe_title(all_metrics))
+    utils.plot_comparison({norm.upper(): [m] for norm, m in runs.items()},
+                          args.images_dir / "comparison.png", reports.recipe_title(all_metrics))
     table = reports.results_table(all_metrics) + f"\n{eval_split} accuracy per class:\n\n" + per_class
     utils.atomic_write_text(table, args.out_dir / "results.md")
     print("\n" + table)
@@ -261,19 +284,24 @@ def stop(signum, frame):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        cli.check_writable(args.out_dir, "--out-dir")
-        cli.check_writable(args.images_dir, "--images-dir")
-        with checkpoints.FolderLock(args.out_dir):
-            train_and_report(args)
+        runs = [seed_args(args, seed) for seed in args.seeds]
+        with contextlib.ExitStack() as locks:
+            for run in runs:
+                cli.check_writable(run.out_dir, "--out-dir")
+                cli.check_writable(run.images_dir, "--images-dir")
+                locks.enter_context(checkpoints.FolderLock(run.out_dir))
+            train_and_report(args, runs)
     except UserError as error:
         cli.fail(error)
     except utils.NonFiniteLoss as error:
         cli.fail(error, code=1)
     except KeyboardInterrupt:
-        kept = [str(p) for p in args.out_dir.glob("*/checkpoint.pt")]
+        kept = [str(p) for p in args.out_dir.glob("**/checkpoint.pt")]
         command = " ".join(["python", *sys.argv])
         print("\ninterrupted: " + (f"the checkpoints of the last finished epochs are kept "
                                    f"({', '.join(kept)}); resume with: "
@@ -286,13 +314,16 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def train_and_report(args):
+def train_and_report(args, runs):
+    """Train every norm asked for with the seed of each of `runs` (seed_args), then
+    write each seed's report and, over several seeds, the seeds' comparison."""
     start = time.perf_counter()
-    if args.plots_only and not finished_runs(args):
+    if args.plots_only and not any(finished_runs(run) for run in runs):
         raise UserError(f"no finished run in {args.out_dir} to report on")
     norms = [] if args.plots_only else NORMS if args.norm == "all" else [args.norm]
-    for norm in norms:  # all of them before any trains
-        check_not_clobbering(output_files(norm, args), args)
+    pairs = [(norm, run) for run in runs for norm in norms]
+    for norm, run in pairs:  # all of them before any trains
+        check_not_clobbering(output_files(norm, run), run)
     data = utils.load_cifar10(args.data_dir, args.cache_dir)
     if args.val_split:
         data = utils.hold_out(data, args.val_split)
@@ -301,11 +332,88 @@ def train_and_report(args):
           f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    for norm in norms:
-        run_variant(norm, args, data, args.device)
-    write_report(args, data)
+    side_by_side = min(len(pairs), torch.get_num_threads()) if (
+        args.device.type == "cpu" and len(runs) > 1 and "fork" in mp.get_all_start_methods()) else 1
+    if side_by_side > 1:
+        print(f"{len(pairs)} runs, {side_by_side} at a time side by side, one thread each: "
+              "on a CPU this trains more images per second than one run on every core "
+              "(docs/performance.md)")
+        train_side_by_side(pairs, data, side_by_side)
+    else:
+        for norm, run in pairs:
+            run_variant(norm, run, data, args.device)
+    for run in runs:
+        if finished_runs(run):
+            write_report(run, data)
+    if len(runs) > 1:
+        write_seeds_report(args, runs)
     seconds = time.perf_counter() - start
     print(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
+
+
+def train_side_by_side(pairs, data, processes):
+    """run_variant for each (norm, seed's options) of `pairs`, `processes` at a time,
+    each in a process of its own on one thread. The processes are forked: they share
+    the data, and the locks this process holds. The first to fail stops the others
+    from starting, and its error becomes this run's."""
+    context = mp.get_context("fork")
+    waiting, running, failed = list(pairs), {}, None
+    try:
+        while waiting or running:
+            while waiting and len(running) < processes and failed is None:
+                norm, run = waiting.pop(0)
+                process = context.Process(target=run_in_child, args=(norm, run, data))
+                process.start()
+                running[process.sentinel] = process, norm, run
+            if not running:
+                break
+            for sentinel in mp.connection.wait(list(running)):
+                process, norm, run = running.pop(sentinel)
+                process.join()
+                if process.exitcode != 0 and failed is None:
+                    failed = process.exitcode, f"{norm}, seed {run.seed}"
+    finally:
+        for process, _, _ in running.values():  # an interrupt: each keeps its checkpoint
+            process.terminate()
+        for process, _, _ in running.values():
+            process.join()
+    if failed is not None:
+        code, which = failed
+        if code == 130:
+            raise KeyboardInterrupt
+        print(f"error: the run of {which} failed (its message is above)", file=sys.stderr)
+        sys.exit(code if code in (1, 2) else 1)
+
+
+def run_in_child(norm, run, data):
+    """A forked process's one run, on one thread; its errors as train.py's, its exit
+    code as the parent reads it."""
+    torch.set_num_threads(1)
+    try:
+        run_variant(norm, run, data, run.device, summary=False)
+    except UserError as error:
+        cli.fail(error)
+    except utils.NonFiniteLoss as error:
+        cli.fail(error, code=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def write_seeds_report(args, runs):
+    """OUT_DIR/seeds.md (mean and range over the seeds) and IMAGES_DIR/seeds.png (the
+    curves' mean and range) over the seeds' finished runs."""
+    by_norm = {}
+    for run in runs:
+        for norm, metrics in finished_runs(run).items():
+            by_norm.setdefault(norm, []).append(metrics)
+    if not by_norm:
+        return
+    table = reports.seeds_table(by_norm)
+    utils.atomic_write_text(table, args.out_dir / "seeds.md")
+    all_metrics = [m for seeds in by_norm.values() for m in seeds]
+    utils.plot_comparison({norm.upper(): seeds for norm, seeds in by_norm.items()},
+                          args.images_dir / "seeds.png", reports.recipe_title(all_metrics))
+    print("\nover the seeds:\n\n" + table)
 
 
 if __name__ == "__main__":

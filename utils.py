@@ -143,10 +143,14 @@ def _read_image_folder(split_dir):
     # import under way when a stop comes can leave the threads waiting on each other.
     from PIL import Image
     Image.init()
-    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
-        # An interrupt cancels the images not yet decoded (map's iterator does, on close).
+    pool = ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1))
+    try:
         decoded = list(tqdm(pool.map(_decode_image, files), total=len(files),
                             desc=f"decoding {split_dir}", disable=None, leave=False))
+    finally:
+        # An interrupt cancels the images not yet decoded here and now: `with pool`
+        # would wait for all of them where the interrupt leaves map's iterator open.
+        pool.shutdown(wait=False, cancel_futures=True)
     unreadable = [str(f) for f, image in zip(files, decoded) if image is None]
     if unreadable:
         shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
@@ -499,23 +503,27 @@ def _style(*axes, epochs=None):
         ax.legend()
 
 
-def plot_comparison(all_metrics, path, title):
-    """Loss and accuracy per epoch of every variant: train and evaluation split
-    in panels of their own, one line per variant in each."""
+def plot_comparison(runs, path, title):
+    """Loss and accuracy per epoch of every variant: train and evaluation split in
+    panels of their own, one line per variant in each. runs: {variant name: [metrics
+    of each seed]}; over several seeds the line is their mean and the band their range."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), layout="constrained")
-    eval_split = all_metrics[0]["eval_split"]
+    eval_split = next(iter(runs.values()))[0]["eval_split"]
     panels = {("train", "loss"): "train loss (augmented, with label smoothing)",
               ("test", "loss"): f"{eval_split} loss",
               ("train", "acc"): "train accuracy (augmented)",
               ("test", "acc"): f"{eval_split} accuracy"}
     for ax, ((split, kind), panel_title) in zip(axes.T.flat, panels.items()):
-        for m in all_metrics:
-            values = m[f"{split}_{kind}"]
-            ax.plot(range(1, len(values) + 1), [100 * v for v in values] if kind == "acc" else values,
-                    marker=".", label=m["norm"].upper())
+        for name, seeds in runs.items():
+            values = torch.tensor([m[f"{split}_{kind}"] for m in seeds]) * (100 if kind == "acc" else 1)
+            epochs = range(1, values.shape[1] + 1)
+            line, = ax.plot(epochs, values.mean(0), marker=".", label=name)
+            if len(seeds) > 1:
+                ax.fill_between(epochs, values.min(0).values, values.max(0).values,
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set(xlabel="epoch", ylabel="accuracy (%)" if kind == "acc" else "loss", title=panel_title)
-    _style(*axes.flat, epochs=max(len(m["test_acc"]) for m in all_metrics))
+    _style(*axes.flat, epochs=max(len(m["test_acc"]) for seeds in runs.values() for m in seeds))
     fig.suptitle(title)
     save_figure(fig, path)
 

@@ -32,6 +32,15 @@ def write_image_folder(root, train_per_class=8, test_per_class=2, seed=0):
     return root
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """train.py's --threads sets torch's thread count for the whole process: put it back."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "data")

@@ -392,12 +392,19 @@ def test_finished_run_is_never_overwritten_silently(run_args, tmp_path, capsys):
     train.main(run_args("--norm", "ln"))
     before = (tmp_path / "out/ln/metrics.json").read_text()
     with pytest.raises(SystemExit) as stop:
-        train.main(run_args("--norm", "ln", "--seed", "1"))
+        train.main(run_args("--norm", "ln", "--lr", "0.05"))
     assert stop.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "out/ln/metrics.json").read_text() == before
-    train.main(run_args("--norm", "ln", "--seed", "1", "--overwrite"))
-    assert json.loads((tmp_path / "out/ln/metrics.json").read_text())["seed"] == 1
+    train.main(run_args("--norm", "ln", "--lr", "0.05", "--overwrite"))
+    assert json.loads((tmp_path / "out/ln/metrics.json").read_text())["lr"] == 0.05
+
+
+def test_a_seed_above_0_writes_to_its_own_folder(run_args, tmp_path):
+    train.main(run_args("--norm", "ln", "--seed", "3", "--epochs", "1"))
+    assert json.loads((tmp_path / "out/seed3/ln/metrics.json").read_text())["seed"] == 3
+    assert (tmp_path / "out/images/seed3/ln_curves.png").exists()
+    assert not (tmp_path / "out/ln").exists()
 
 
 def one_line_error(capsys, argv, main=train.main):
@@ -725,7 +732,7 @@ def test_resume_after_sigkill_ends_bit_identical(run_args, tmp_path):
 
 
 def test_a_second_run_into_the_same_out_dir_is_refused_at_once(run_args, tmp_path):
-    first = [sys.executable, str(ROOT / "train.py"), *run_args("--norm", "bn", "--seed", "1")]
+    first = [sys.executable, str(ROOT / "train.py"), *run_args("--norm", "bn")]
     first[first.index("--epochs") + 1] = "500"
     process = subprocess.Popen(first, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -733,7 +740,7 @@ def test_a_second_run_into_the_same_out_dir_is_refused_at_once(run_args, tmp_pat
         while not (tmp_path / "out/bn/checkpoint.pt").exists() and time.time() < deadline:
             time.sleep(0.2)
         second = subprocess.run([sys.executable, str(ROOT / "train.py"),
-                                 *run_args("--norm", "bn", "--seed", "2")],
+                                 *run_args("--norm", "bn", "--lr", "0.05")],
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "another run is writing to" in second.stderr
         assert "Traceback" not in second.stderr
@@ -799,7 +806,8 @@ def test_sigterm_while_images_are_decoded_ends_the_process_promptly(run_args, tm
               f"train.main({run_args('--norm', 'bn')!r})\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "decoding\n"
+    lines = iter(process.stdout.readline, "")
+    assert "decoding\n" in lines, process.communicate()  # reads up to the first decode
     start = time.perf_counter()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=30)
@@ -834,3 +842,41 @@ def test_plots_only_with_a_missing_model_is_one_line(run_args, tmp_path, capsys)
     train.main(run_args("--norm", "bn", "--epochs", "1"))
     (tmp_path / "out/bn/model.pt").unlink()
     assert "model.pt: no such file" in one_line_error(capsys, run_args("--plots-only"))
+
+
+def test_seeds_train_every_pair_side_by_side_as_each_would_train_alone(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "bn", "--seeds", "0", "1", "--epochs", "1"))
+    out = capsys.readouterr().out
+    if torch.get_num_threads() > 1:
+        assert "2 at a time side by side, one thread each" in out
+    # Each run where --seed would put it, the same training as that run alone on one thread.
+    for seed, folder in ((0, "out"), (1, "out/seed1")):
+        train.main(run_args("--norm", "bn", "--seed", str(seed), "--epochs", "1", "--threads", "1",
+                            out=f"alone{seed}"))
+        assert_same_run(tmp_path / folder / "bn", tmp_path / f"alone{seed}" / "bn" if seed == 0
+                        else tmp_path / f"alone{seed}" / "seed1" / "bn")
+    table = (tmp_path / "out/seeds.md").read_text()
+    assert "| BN | 47,898 | 0, 1 |" in table
+    assert (tmp_path / "out/images/seeds.png").stat().st_size > 0
+    assert (tmp_path / "out/results.md").exists() and (tmp_path / "out/seed1/results.md").exists()
+
+
+def test_seeds_check_every_runs_outputs_before_training_any(run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "gn", "--seed", "2", "--epochs", "1"))
+    err = one_line_error(capsys, run_args("--norm", "gn", "--seeds", "0", "2", "--epochs", "1"))
+    assert "seed2" in err and "earlier run" in err
+    assert not (tmp_path / "out/gn").exists()
+
+
+def test_a_failing_run_among_the_seeds_ends_the_command_with_its_exit_code(run_args, monkeypatch,
+                                                                           capsys):
+    real_forward = models.Net.forward
+
+    def nan_when_training(self, x):
+        output = real_forward(self, x)
+        return output * float("nan") if self.training else output
+    monkeypatch.setattr(models.Net, "forward", nan_when_training)  # forked runs inherit it
+    with pytest.raises(SystemExit) as stop:
+        train.main(run_args("--norm", "bn", "--seeds", "0", "1", "--epochs", "1"))
+    assert stop.value.code == 1
+    assert "the run of bn, seed" in capsys.readouterr().err
