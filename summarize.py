@@ -125,7 +125,8 @@ def parse_args(argv):
                         help="instead, one row per run of LIST, with the change it made "
                              "against its baseline (see results/ablation/runs.txt)")
     parser.add_argument("--include", type=Path, metavar="FILE",
-                        help="instead, FILE as it is: a committed output shown in a page")
+                        help="instead, FILE: a committed output shown in a page (a .md file "
+                             "as it is, any other in a code block)")
     parser.add_argument("--times", action="store_true",
                         help="instead, where each folder's runs ran and how long they trained")
     parser.add_argument("--update", action="store_true",
@@ -145,8 +146,9 @@ def table(argv):
     args = parse_args(argv)
     if args.ablation:
         return ablation(args.ablation)
-    if args.include:
-        return args.include.read_text()
+    if args.include:  # a markdown file as it is, any other in a code block
+        text = args.include.read_text()
+        return text if args.include.suffix == ".md" else f"```\n{text}```\n"
     return times(args.folders) if args.times else seeds(args.folders)
 
 

@@ -8,6 +8,7 @@ import evaluate
 import models
 import train
 import utils
+from conftest import ROOT
 from test_train import one_line_error
 
 
@@ -65,3 +66,14 @@ def test_bad_model_is_one_line_and_exit_code_2(image_folder, tmp_path, capsys, m
     make(path)
     err = one_line_error(capsys, evaluate_args(image_folder, tmp_path, path), evaluate.main)
     assert message in err
+
+
+def test_the_readmes_snippet_loads_a_model_and_predicts(finished_runs, image_folder, capsys):
+    snippet = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert len(snippet.strip().splitlines()) <= 10
+    image = next((image_folder / "test" / "cat").iterdir())
+    snippet = snippet.replace('"results/bn"', repr(str(finished_runs / "bn")))
+    capsys.readouterr()
+    exec(snippet.replace('"cat.png"', repr(str(image))), {})
+    name, confidence = capsys.readouterr().out.split()
+    assert name in utils.CLASSES and confidence.endswith("%")
