@@ -10,6 +10,10 @@ optimizer, loss, augmentation and precision) fed three ways:
                 channels_last on CUDA; devices.memory_format says which one trains)
   dataloader-N  torchvision-style: a PIL image per sample, RandomCrop(32, padding=4),
                 RandomHorizontalFlip, ToTensor, Normalize, DataLoader with N workers
+  project-eager with CUDA graphs only: the project's step launched kernel by kernel, as
+                the limit rows are, so that project-eager/limit compares like with like
+  at-once-N     N runs of the project's step trained at the same time (utils.train, as
+                train.py trains --seeds and --norm all on a GPU): images/s over all N
   eval-B        no training: utils.test (inference mode) on as many images, in batches of B
 and prints images/second, seconds per 50k-image epoch and the time ratios
 project/limit (the data pipeline's overhead), dataloader/project (the speed-up
@@ -68,8 +72,8 @@ def endless(loader):
         yield from loader
 
 
-def timed(run, batches, batch_size, device):
-    """Images per second of `run(n)`, which trains on n batches."""
+def timed(run, batches, batch_images, device):
+    """Images per second of `run(n)`, which trains on n batches of `batch_images` in all."""
     def finish():  # GPU work is queued: wait for it before reading the clock
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -79,7 +83,7 @@ def timed(run, batches, batch_size, device):
     start = time.perf_counter()
     run(batches)
     finish()
-    return batches * batch_size / (time.perf_counter() - start)
+    return batches * batch_images / (time.perf_counter() - start)
 
 
 def bench_norm(norm, data, args, device):
@@ -90,18 +94,17 @@ def bench_norm(norm, data, args, device):
     device_images, device_labels = images.to(device), labels.to(device)
     bs = args.batch_size
     run = recipe.run_options(norm, args)
-    generator = torch.Generator(device=device).manual_seed(0)
 
-    def make_step(memory_format, n_batches=1):
+    def make_step(memory_format, n_batches=1, cuda_graph=args.cuda_graph, seed=0):
         """A fresh model in `memory_format`, its optimizer at the peak learning rate
         and its TrainStep on the first n_batches batches."""
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = Net(norm, run["blocks"], run["activation"]).to(device, memory_format=memory_format)
         optimizer = recipe.make_optimizer(run, model)
         step_model = torch.compile(model) if args.compile else model
+        generator = torch.Generator(device=device).manual_seed(seed)
         return recipe.make_step(run, step_model, optimizer, device_images[:n_batches * bs],
-                                device_labels[:n_batches * bs], generator,
-                                cuda_graph=args.cuda_graph)
+                                device_labels[:n_batches * bs], generator, cuda_graph=cuda_graph)
 
     layout = devices.memory_format(device)
     other_layout, other_name = ((torch.contiguous_format, "limit-contiguous")
@@ -109,16 +112,19 @@ def bench_norm(norm, data, args, device):
                                 (torch.channels_last, "limit-channels_last"))
     step = make_step(layout)
     y = device_labels[:bs]
-    # batch count -> (TrainStep on that many batches, constant schedule), kept: a CUDA
-    # graph is captured once
-    steps = {}
 
-    def project(n):
-        if n not in steps:
-            project_step = make_step(layout, n)
-            steps[n] = project_step, torch.optim.lr_scheduler.LambdaLR(project_step.optimizer,
-                                                                        lambda _: 1.0)
-        utils.train(*steps[n], bs)
+    def project(runs=1, cuda_graph=args.cuda_graph):
+        """`runs` runs of the project's step, trained at the same time."""
+        made = {}  # batch count -> the runs' steps and constant schedules, kept: a CUDA
+        #            graph is captured once
+
+        def train_on(n):
+            if n not in made:
+                steps = [make_step(layout, n, cuda_graph, seed) for seed in range(runs)]
+                made[n] = steps, [torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda _: 1.0)
+                                  for s in steps]
+            utils.train(*made[n], bs)
+        return train_on
 
     def limit(step, x):
         def train_on(n):
@@ -136,8 +142,13 @@ def bench_norm(norm, data, args, device):
         return train_on
 
     x = utils.normalize(device_images[:bs])
-    pipelines = {"project": project, "limit": limit(step, x),
+    pipelines = {"project": project(), "limit": limit(step, x),
                  other_name: limit(make_step(other_layout), x.contiguous(memory_format=other_layout))}
+    if args.cuda_graph:
+        pipelines["project-eager"] = project(cuda_graph=False)
+    batch_images = dict.fromkeys(pipelines, bs)  # images per batch, over all runs
+    for runs in args.at_once:
+        pipelines[f"at-once-{runs}"], batch_images[f"at-once-{runs}"] = project(runs), runs * bs
     for workers in args.workers:
         batches = endless(conventional_loader(images, labels, bs, workers))
         pipelines[f"dataloader-{workers}"] = conventional(batches)
@@ -156,7 +167,8 @@ def bench_norm(norm, data, args, device):
     speeds = dict.fromkeys(pipelines, 0.0)
     for _ in range(args.rounds):
         for name, pipeline in pipelines.items():
-            speeds[name] = max(speeds[name], timed(pipeline, args.batches, bs, device))
+            speeds[name] = max(speeds[name], timed(pipeline, args.batches,
+                                                   batch_images.get(name, bs), device))
     return speeds
 
 
@@ -168,6 +180,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=positive_int, default=3,
                         help="interleaved rounds; the best counts (default: %(default)s)")
     cli.add_recipe_options(parser)  # the recipe whose training step is timed
+    parser.add_argument("--at-once", type=positive_int, nargs="+", default=[3], metavar="N",
+                        help="numbers of runs to time training at the same time (default: 3)")
     parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1, 2],
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--eval-batch-sizes", type=positive_int, nargs="+", default=[1000, 250],
@@ -224,7 +238,12 @@ def main(argv=None):
             print(f"| {norm} | {name} | {speed:,.0f} | {EPOCH_IMAGES / speed:.1f} "
                   f"| {rows['project'] / speed:.2f} |", flush=True)
         best = max((k for k in rows if k.startswith("dataloader")), key=rows.get)
-        print(f"| {norm} | time project/limit **{rows['limit'] / rows['project']:.2f}**, "
+        # Like with like: the limit rows launch their kernels one by one.
+        project = "project-eager" if args.cuda_graph else "project"
+        at_once = "".join(f"project/at-once-{n} **{rows[f'at-once-{n}'] / rows['project']:.2f}**, "
+                          for n in args.at_once)
+        print(f"| {norm} | time {project}/limit **{rows['limit'] / rows[project]:.2f}**, "
+              f"{at_once}"
               f"{best}/project **{rows['project'] / rows[best]:.2f}** "
               f"(at most {best}/limit **{rows['limit'] / rows[best]:.2f}**), "
               f"{'bfloat16' if amp else 'float32'}, {args.optimizer} | | | |", flush=True)

@@ -59,7 +59,8 @@ def make_step(run, model, optimizer, images, labels, generator, cuda_graph=False
 
 # What may differ between the runs of one recipe.
 PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
-           "epoch_seconds", "threads", "device", "processor", "torch", "cuda_graph", "resumed"}
+           "epoch_seconds", "runs_at_once", "threads", "device", "processor", "torch",
+           "cuda_graph", "resumed"}
 
 # Options that older runs did not record, with the value those runs used: --blocks
 # (before it, plain blocks), --amp (before it was recorded, float32), --activation

@@ -142,86 +142,129 @@ def machine(device):
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def run_variant(norm, args, data, device, summary=True):
-    """Train one norm with args.seed; summary: print torchsummary's table first."""
-    name = norm if len(args.seeds) == 1 else f"{norm} seed {args.seed}"
-    files = output_files(norm, args)
-    checkpoint = checkpoints.load_checkpoint(files["checkpoint"]) if (
-        args.resume and files["checkpoint"].exists()) else None
+class Training:
+    """One variant trained with one seed (args.seed): its model, optimizer, schedule and
+    random generator, taken up from its checkpoint with --resume, and its record.
+    summary: print torchsummary's table of the model first."""
 
-    checkpoints.seed_everything(args.seed)
-    run = recipe.run_options(norm, args)
-    model = Net(norm, run["blocks"], run["activation"])
-    params = count_parameters(model)
-    print(f"\n=== {name.upper()}: {params:,} trainable parameters ===")
-    if checkpoint is None and summary:
-        import torchsummary
-        # On the CPU, before the move: on CUDA torchsummary would put its input on cuda:0
-        # whatever the device, and cuDNN would tune its algorithms for a batch of 2.
-        torchsummary.summary(model.eval(), (3, 32, 32), device="cpu")
-        checkpoints.seed_everything(args.seed)  # the summary's forward pass drew random numbers
-    model = model.to(device, memory_format=devices.memory_format(device))
+    def __init__(self, norm, args, data, summary=True):
+        self.norm, self.args = norm, args
+        self.name = norm if len(args.seeds) == 1 else f"{norm} seed {args.seed}"
+        self.files = output_files(norm, args)
+        checkpoint = checkpoints.load_checkpoint(self.files["checkpoint"]) if (
+            args.resume and self.files["checkpoint"].exists()) else None
+        device = args.device
 
-    train_images, train_labels = (t.to(device) for t in data["train"])
-    test_images, test_labels = (t.to(device) for t in data["test"])
-    optimizer = recipe.make_optimizer(run, model)
-    scheduler = recipe.schedule(optimizer, args.epochs * math.ceil(len(train_labels) / args.batch_size))
-    generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed)
+        checkpoints.seed_everything(args.seed)
+        self.options = run = recipe.run_options(norm, args)
+        model = Net(norm, run["blocks"], run["activation"])
+        params = count_parameters(model)
+        print(f"\n=== {self.name.upper()}: {params:,} trainable parameters ===")
+        if checkpoint is None and summary:
+            import torchsummary
+            # On the CPU, before the move: on CUDA torchsummary would put its input on cuda:0
+            # whatever the device, and cuDNN would tune its algorithms for a batch of 2.
+            torchsummary.summary(model.eval(), (3, 32, 32), device="cpu")
+            checkpoints.seed_everything(args.seed)  # the summary's forward pass drew random numbers
+        self.model = model.to(device, memory_format=devices.memory_format(device))
 
-    metrics = {**run, "params": params, **machine(device), "cuda_graph": args.cuda_graph,
-               "data_source": data["source"], "eval_split": data["eval_split"],
-               "train_size": len(train_labels),
-               "test_size": len(test_labels), "train_loss": [], "train_acc": [],
-               "test_loss": [], "test_acc": [], "epoch_seconds": []}
-    if checkpoint is not None:
-        data_identity = {key: metrics[key] for key in DATA_KEYS}
-        metrics = restore(checkpoint, {**run, **data_identity}, model, optimizer, scheduler,
-                          generator, files["checkpoint"])
-        print(f"resuming from epoch {len(metrics['train_loss'])} of {args.epochs}")
-        # The run's machine fields say where it started; its epoch_seconds from here
-        # on may come from another machine.
-        if len(metrics["train_loss"]) < args.epochs:
-            metrics.setdefault("resumed", []).append(
-                {"epoch": len(metrics["train_loss"]) + 1, **machine(device)})
-    elif args.overwrite:
-        # The old run's outputs go first: an interrupted --overwrite must not leave
-        # them beside the new run's checkpoint.
-        for path in files.values():
-            path.unlink(missing_ok=True)
-    step_model = torch.compile(model) if args.compile else model
-    step = recipe.make_step(run, step_model, optimizer, train_images, train_labels, generator,
-                            cuda_graph=args.cuda_graph)
+        train_images, train_labels = data["train"]
+        self.optimizer = recipe.make_optimizer(run, model)
+        self.scheduler = recipe.schedule(
+            self.optimizer, args.epochs * math.ceil(len(train_labels) / args.batch_size))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(args.seed)
 
-    for epoch in range(len(metrics["train_loss"]) + 1, args.epochs + 1):
-        start = time.perf_counter()
-        try:
-            train_loss, train_acc = utils.train(step, scheduler, args.batch_size,
-                                                desc=f"{name} epoch {epoch}")
-        except utils.NonFiniteLoss as error:
+        self.metrics = {**run, "params": params, **machine(device), "cuda_graph": args.cuda_graph,
+                        "data_source": data["source"], "eval_split": data["eval_split"],
+                        "train_size": len(train_labels), "test_size": len(data["test"][1]),
+                        "train_loss": [], "train_acc": [], "test_loss": [], "test_acc": [],
+                        "epoch_seconds": []}
+        if checkpoint is not None:
+            data_identity = {key: self.metrics[key] for key in DATA_KEYS}
+            self.metrics = restore(checkpoint, {**run, **data_identity}, model, self.optimizer,
+                                   self.scheduler, self.generator, self.files["checkpoint"])
+            print(f"resuming from epoch {self.epochs_done} of {args.epochs}")
+            # The run's machine fields say where it started; its epoch_seconds from here
+            # on may come from another machine.
+            if self.epochs_done < args.epochs:
+                self.metrics.setdefault("resumed", []).append(
+                    {"epoch": self.epochs_done + 1, **machine(device)})
+        elif args.overwrite:
+            # The old run's outputs go first: an interrupted --overwrite must not leave
+            # them beside the new run's checkpoint.
+            for path in self.files.values():
+                path.unlink(missing_ok=True)
+        self.step_model = torch.compile(model) if args.compile else model
+        self.step = recipe.make_step(run, self.step_model, self.optimizer, train_images,
+                                     train_labels, self.generator, cuda_graph=args.cuda_graph)
+
+    @property
+    def epochs_done(self):
+        return len(self.metrics["train_loss"])
+
+    def end_epoch(self, result, seconds, data):
+        """Record the epoch just trained, whose utils.train result is `result`: evaluate,
+        print a line, write the checkpoint. Raises NonFiniteLoss for a failed epoch,
+        whose run keeps the checkpoint of the epoch before."""
+        epoch = self.epochs_done + 1
+        if isinstance(result, utils.NonFiniteLoss):
             raise utils.NonFiniteLoss(
-                f"{name}: the loss became NaN or infinite in epoch {epoch}, {error}. "
-                f"The last good checkpoint ({files['checkpoint']}) is kept; "
-                "try a lower --lr") from None
-        test_loss, test_acc, _ = utils.test(step_model, test_images, test_labels, amp=run["amp"])
-        seconds = time.perf_counter() - start
+                f"{self.name}: the loss became NaN or infinite in epoch {epoch}, {result}. "
+                f"The last good checkpoint ({self.files['checkpoint']}) is kept; "
+                "try a lower --lr")
+        train_loss, train_acc = result
+        start = time.perf_counter()
+        test_loss, test_acc, _ = utils.test(self.step_model, *data["test"], amp=self.options["amp"])
+        seconds += time.perf_counter() - start
         for key, value in [("train_loss", train_loss), ("train_acc", train_acc),
                            ("test_loss", test_loss), ("test_acc", test_acc),
                            ("epoch_seconds", seconds)]:
-            metrics[key].append(value)
-        print(f"{name} epoch {epoch:2d}/{args.epochs}  train loss {train_loss:.4f} "
+            self.metrics[key].append(value)
+        print(f"{self.name} epoch {epoch:2d}/{self.args.epochs}  train loss {train_loss:.4f} "
               f"acc {100 * train_acc:5.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  "
               f"{seconds:5.1f}s", flush=True)
-        checkpoints.save_checkpoint({"run": run,
-                                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(),
-                                     "rng": checkpoints.rng_states(generator), "metrics": metrics},
-                                    files["checkpoint"])
+        checkpoints.save_checkpoint(
+            {"run": self.options, "model": self.model.state_dict(),
+             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "rng": checkpoints.rng_states(self.generator), "metrics": self.metrics},
+            self.files["checkpoint"])
 
-    _, metrics["train_eval_acc"], _ = utils.test(step_model, train_images, train_labels,
-                                                 amp=run["amp"])
-    utils.atomic_save(model.state_dict(), files["model"])  # Net's state_dict names the network
-    utils.atomic_write_text(json.dumps(metrics, indent=1) + "\n", files["metrics"])
+    def finish(self, data):
+        """The accuracy on the training images, then the model and metrics files."""
+        _, self.metrics["train_eval_acc"], _ = utils.test(self.step_model, *data["train"],
+                                                          amp=self.options["amp"])
+        utils.atomic_save(self.model.state_dict(), self.files["model"])  # it names the network
+        utils.atomic_write_text(json.dumps(self.metrics, indent=1) + "\n", self.files["metrics"])
+
+
+def train_together(trainings, data, runs_at_once=None):
+    """Run `trainings` (Training) to the end, all at the same time (utils.train: on a GPU
+    their kernels overlap), each from where it stands. runs_at_once: how many runs share
+    the machine, for the record, since it sets epoch_seconds (default: these)."""
+    args = trainings[0].args
+    for training in trainings:
+        training.metrics["runs_at_once"] = runs_at_once or len(trainings)
+    for epoch in range(1, args.epochs + 1):
+        # a resumed run may be ahead of the others
+        due = [training for training in trainings if training.epochs_done < epoch]
+        if not due:
+            continue
+        start = time.perf_counter()
+        desc = f"{due[0].name if len(due) == 1 else f'{len(due)} runs'} epoch {epoch}"
+        results = utils.train([training.step for training in due],
+                              [training.scheduler for training in due], args.batch_size, desc=desc)
+        seconds = time.perf_counter() - start
+        failed = []
+        for training, result in zip(due, results):
+            try:
+                training.end_epoch(result, seconds, data)
+            except utils.NonFiniteLoss as error:
+                failed.append(error)  # the others' epoch is saved first
+        if failed:
+            raise failed[0]
+    for training in trainings:
+        training.finish(data)
 
 
 def finished_runs(args):
@@ -332,16 +375,24 @@ def train_and_report(args, runs):
           f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    # On the device once, shared by the runs.
+    data = {**data, **{split: tuple(t.to(args.device) for t in data[split])
+                       for split in ("train", "test")}}
+    summary = len(runs) == 1  # one table per norm, not per seed
     side_by_side = min(len(pairs), torch.get_num_threads()) if (
         args.device.type == "cpu" and len(runs) > 1 and "fork" in mp.get_all_start_methods()) else 1
-    if side_by_side > 1:
+    if args.device.type == "cuda" and len(pairs) > 1:
+        print(f"{len(pairs)} runs at the same time on {args.device}, their kernels side by side "
+              "(docs/performance.md)")
+        train_together([Training(norm, run, data, summary) for norm, run in pairs], data)
+    elif side_by_side > 1:
         print(f"{len(pairs)} runs, {side_by_side} at a time side by side, one thread each: "
               "on a CPU this trains more images per second than one run on every core "
               "(docs/performance.md)")
         train_side_by_side(pairs, data, side_by_side)
-    else:
+    elif pairs:
         for norm, run in pairs:
-            run_variant(norm, run, data, args.device)
+            train_together([Training(norm, run, data, summary)], data)
     for run in runs:
         if finished_runs(run):
             write_report(run, data)
@@ -352,7 +403,7 @@ def train_and_report(args, runs):
 
 
 def train_side_by_side(pairs, data, processes):
-    """run_variant for each (norm, seed's options) of `pairs`, `processes` at a time,
+    """Train each (norm, seed's options) of `pairs`, `processes` at a time,
     each in a process of its own on one thread. The processes are forked: they share
     the data, and the locks this process holds. The first to fail stops the others
     from starting, and its error becomes this run's."""
@@ -362,7 +413,7 @@ def train_side_by_side(pairs, data, processes):
         while waiting or running:
             while waiting and len(running) < processes and failed is None:
                 norm, run = waiting.pop(0)
-                process = context.Process(target=run_in_child, args=(norm, run, data))
+                process = context.Process(target=run_in_child, args=(norm, run, data, processes))
                 process.start()
                 running[process.sentinel] = process, norm, run
             if not running:
@@ -385,12 +436,13 @@ def train_side_by_side(pairs, data, processes):
         sys.exit(code if code in (1, 2) else 1)
 
 
-def run_in_child(norm, run, data):
-    """A forked process's one run, on one thread; its errors as train.py's, its exit
-    code as the parent reads it."""
+def run_in_child(norm, run, data, processes):
+    """A forked process's one run, on one thread, beside `processes` - 1 others; its
+    errors as train.py's, its exit code as the parent reads it."""
     torch.set_num_threads(1)
     try:
-        run_variant(norm, run, data, run.device, summary=False)
+        train_together([Training(norm, run, data, summary=False)], data,
+                       runs_at_once=processes)
     except UserError as error:
         cli.fail(error)
     except utils.NonFiniteLoss as error:

@@ -276,6 +276,9 @@ class TrainStep:
     replay launches them all in one call. A replay repeats the captured kernels on
     the same memory, so the batch's indices are copied into the graph's own index
     tensor, and the learning rate lives on the device (see below).
+
+    On CUDA each step runs on a stream of its own, `stream`, so that train() can
+    run several TrainSteps' kernels at the same time; on the CPU `stream` is None.
     """
     WARMUP_STEPS = 3  # eager steps per batch length before capturing it
 
@@ -286,6 +289,7 @@ class TrainStep:
         self.label_smoothing, self.amp = label_smoothing, amp
         self.augmentation = {"translate": translate, "cutout": cutout}
         self.cuda_graph = cuda_graph
+        self.stream = torch.cuda.Stream(images.device) if images.device.type == "cuda" else None
         self.graphs = {}  # batch length -> (graph, its index tensor, its outputs)
         self.eager_steps = collections.Counter()  # batch length -> steps run eagerly
         for group in optimizer.param_groups:
@@ -342,30 +346,48 @@ class TrainStep:
         return outputs
 
 
-def train(step, scheduler, batch_size, desc="train"):
-    """One epoch of `step` (a TrainStep) over its training images in a random order.
+def train(steps, schedulers, batch_size, desc="train"):
+    """One epoch of each run of `steps` (TrainSteps) and `schedulers` (theirs): every
+    run over its training images in its own random order.
 
-    Returns (loss, accuracy) averaged over the epoch's augmented batches.
-    Raises NonFiniteLoss naming the first batch whose loss was NaN or infinite.
+    The runs take their batches in turn, each on its own CUDA stream (TrainStep.stream),
+    so that a GPU runs their kernels at the same time: one run of this small net leaves
+    most of it idle (docs/performance.md). Each run draws from its own generator only,
+    so it is the same training as it would be alone (tests/test_train.py checks it).
+
+    Returns, per run, (loss, accuracy) averaged over the epoch's augmented batches, or
+    for a run whose loss became NaN or infinite, a NonFiniteLoss naming the first such
+    batch: returned, not raised, so that the other runs' epoch stands.
     """
-    step.model.train()
-    n = len(step.labels)
-    device = step.labels.device
-    order = torch.randperm(n, generator=step.generator, device=device)
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    finite = []  # checked after the epoch: a check per batch would sync the GPU
+    n = len(steps[0].labels)
+    device = steps[0].labels.device
+    epochs = []  # per run: its data order, loss and accuracy sums, finite flag per batch
+    for step in steps:
+        step.model.train()
+        epochs.append((torch.randperm(n, generator=step.generator, device=device),
+                       torch.zeros((), device=device),
+                       torch.zeros((), dtype=torch.long, device=device), []))
+    streams = [step.stream for step in steps if step.stream is not None]
+    for stream in streams:  # after the work queued so far: the above, the last evaluation
+        stream.wait_stream(torch.cuda.current_stream())
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=None, leave=False):
-        index = order[start:start + batch_size]
-        loss, batch_correct = step(index)
-        scheduler.step()
-        finite.append(torch.isfinite(loss))
-        total_loss += loss * len(index)
-        correct += batch_correct
-    bad_batches = (~torch.stack(finite)).nonzero()
-    if len(bad_batches):
-        raise NonFiniteLoss(f"batch {bad_batches[0].item() + 1} of {len(finite)}")
-    return total_loss.item() / n, correct.item() / n
+        for step, scheduler, (order, total_loss, correct, finite) in zip(steps, schedulers, epochs):
+            with torch.cuda.stream(step.stream):  # None, on the CPU: no change
+                index = order[start:start + batch_size]
+                loss, batch_correct = step(index)
+                scheduler.step()
+                # checked after the epoch: a check per batch would wait for the GPU
+                finite.append(torch.isfinite(loss))
+                total_loss += loss * len(index)
+                correct += batch_correct
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    results = []
+    for total_loss, correct, finite in (epoch[1:] for epoch in epochs):
+        bad_batches = (~torch.stack(finite)).nonzero()
+        results.append(NonFiniteLoss(f"batch {bad_batches[0].item() + 1} of {len(finite)}")
+                       if len(bad_batches) else (total_loss.item() / n, correct.item() / n))
+    return results
 
 
 @torch.inference_mode()

@@ -28,7 +28,8 @@ FILES = ["out/bn/metrics.json", "out/bn/model.pt", "out/bn/checkpoint.pt",
 
 def read_metrics(path):
     metrics = json.loads(path.read_text())
-    metrics.pop("epoch_seconds")  # wall-clock time is the one thing allowed to differ
+    metrics.pop("epoch_seconds")  # wall-clock time is the one thing allowed to differ,
+    metrics.pop("runs_at_once")  # with how many runs shared the machine meanwhile
     metrics.pop("resumed", None)  # where a resumed run went on
     return metrics
 
@@ -93,7 +94,7 @@ def test_training_learns_an_easy_task(image_folder, tmp_path, amp, cuda_graph):
     step = utils.TrainStep(model, optimizer, images, labels, generator, label_smoothing=0.0,
                            translate=4, cutout=0, amp=amp, cuda_graph=cuda_graph)
     for _ in range(40):  # bfloat16 learns it too, on a bumpier path: 0.6-0.9 at 10-30 epochs
-        utils.train(step, scheduler, 16)
+        utils.train([step], [scheduler], 16)
     _, accuracy, _ = utils.test(model, *(t.to(device) for t in data["test"]), amp=amp)
     assert accuracy >= 0.8  # chance is 0.1: mixed-up labels could not get here
 
@@ -614,12 +615,16 @@ def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
 def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--synthetic", "64",
                              "--batch-size", "16", "--batches", "2", "--rounds", "1", "--workers", "0",
-                             "--norm", "ln", "--eval-batch-sizes", "8", "5", *options],
+                             "--norm", "ln", "--eval-batch-sizes", "8", "5", "--at-once", "2",
+                             *options],
                             capture_output=True, text=True,
                             timeout=600)  # a guard against a hang, roomy for a busy machine
     assert result.returncode == 0, result.stderr
+    graphed = "--cuda-graph" in options  # then the project's step eagerly too, like the limit
     for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
-                "| ln | eval-5 |", "time project/limit", "dataloader-0/project"):
+                "| ln | eval-5 |", "| ln | at-once-2 |", "project/at-once-2 **",
+                "time project-eager/limit" if graphed else "time project/limit",
+                "dataloader-0/project"):
         assert row in result.stdout
     optimizer = "sgd" if "sgd" in options else "muon"  # the default: train.OPTIMIZER
     summary = re.search(r"dataloader-0/project \*\*[0-9.]+\*\* "
@@ -880,3 +885,80 @@ def test_a_failing_run_among_the_seeds_ends_the_command_with_its_exit_code(run_a
         train.main(run_args("--norm", "bn", "--seeds", "0", "1", "--epochs", "1"))
     assert stop.value.code == 1
     assert "the run of bn, seed" in capsys.readouterr().err
+
+
+def train_together(run_args, norms, seeds, *options, out="out"):
+    """train.train_together, as train.py calls it on a GPU for --seeds or --norm all,
+    on the CPU, for these norms and seeds; returns the Trainings."""
+    args = train.parse_args(run_args("--seeds", *map(str, seeds), *options, out=out))
+    data = utils.load_cifar10(args.data_dir, args.cache_dir)
+    data.update({split: tuple(t.to(args.device) for t in data[split]) for split in ("train", "test")})
+    runs = [train.Training(norm, train.seed_args(args, seed), data, summary=False)
+            for seed in seeds for norm in norms]
+    train.train_together(runs, data)
+    return runs
+
+
+def test_runs_trained_together_are_each_the_training_it_would_be_alone(run_args, tmp_path):
+    """Runs trained at the same time take their batches in turn: each draws its data order
+    and augmentation from its own generator, and its weights from its own seed, so each
+    is exactly the run trained alone (on a GPU, within cuDNN's nondeterminism)."""
+    runs = train_together(run_args, ["bn", "gn"], [0, 1])
+    assert [run.metrics["runs_at_once"] for run in runs] == [4] * 4
+    for seed in (0, 1):
+        for norm in ("bn", "gn"):
+            train.main(run_args("--norm", norm, "--seed", str(seed), out="alone"))
+        folder = "" if seed == 0 else f"seed{seed}"
+        for norm in ("bn", "gn"):
+            assert_same_run(tmp_path / "out" / folder / norm, tmp_path / "alone" / folder / norm)
+
+
+@NEEDS_CUDA
+def test_runs_trained_together_on_a_gpu_follow_each_run_alone(run_args, tmp_path):
+    """On CUDA the runs replay their CUDA graphs on streams of their own, at the same time:
+    each run's losses still follow its run alone (cuDNN may choose other algorithms)."""
+    runs = train_together(run_args, ["bn", "ln"], [0, 1], "--device", "cuda")
+    for run in runs:
+        train.main(run_args("--norm", run.norm, "--seed", str(run.args.seed), "--device", "cuda",
+                            out="alone"))
+        folder = tmp_path / "alone" / ("" if run.args.seed == 0 else f"seed{run.args.seed}")
+        alone = json.loads((folder / run.norm / "metrics.json").read_text())
+        assert run.metrics["cuda_graph"] and alone["cuda_graph"]
+        for key in ("train_loss", "test_loss"):
+            assert run.metrics[key] == pytest.approx(alone[key], rel=1e-3)
+
+
+def test_runs_trained_together_resume_each_from_its_own_epoch(run_args, tmp_path, monkeypatch):
+    real_train = utils.train
+
+    def stop_in_epoch_two(steps, *a, **k):
+        if len(steps[0].optimizer.state_dict()["state"]):  # it has taken steps before
+            raise KeyboardInterrupt
+        return real_train(steps, *a, **k)
+    monkeypatch.setattr(utils, "train", stop_in_epoch_two)
+    with pytest.raises(SystemExit):
+        train.main(run_args("--norm", "ln", "--seed", "1"))
+    monkeypatch.undo()
+    # seed 1 has 1 epoch of 2 done; seed 0 none.
+    runs = train_together(run_args, ["ln"], [0, 1], "--resume")
+    assert [run.metrics.get("resumed") is not None for run in runs] == [False, True]
+    for seed in (0, 1):
+        train.main(run_args("--norm", "ln", "--seed", str(seed), out="alone"))
+    assert_same_run(tmp_path / "out/ln", tmp_path / "alone/ln")
+    assert_same_run(tmp_path / "out/seed1/ln", tmp_path / "alone/seed1/ln")
+
+
+def test_a_run_trained_together_whose_loss_is_nan_stops_after_the_others_saved_the_epoch(
+        run_args, tmp_path, monkeypatch):
+    real_forward, nan_models = models.Net.forward, []
+
+    def nan_for_the_first_model(self, x):
+        nan_models[:] = nan_models or [self]
+        output = real_forward(self, x)
+        return output * float("nan") if self.training and self is nan_models[0] else output
+    monkeypatch.setattr(models.Net, "forward", nan_for_the_first_model)
+    with pytest.raises(utils.NonFiniteLoss, match="bn: the loss became NaN or infinite in epoch 1"):
+        train_together(run_args, ["bn", "gn"], [0])
+    assert not (tmp_path / "out/bn/checkpoint.pt").exists()
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "out/gn/checkpoint.pt")
+    assert len(checkpoint["metrics"]["train_loss"]) == 1

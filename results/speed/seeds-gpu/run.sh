@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 31's GPU measurements, in one command on a lent GPU machine (device tool), warm cache:
+# `--seeds 0 1 2` and the plain run (targets: under 60 s and 25 s on an H200), then bench.py
+# with its at-once rows, then the tests. Each step has a time limit, so that the later ones
+# still run if one is slow; the results are written to $OUT (files: see the end).
+#
+# Needs, carried beside the working tree (both ignored by .git/info/exclude):
+#   .whl/torchsummary-1.5.1-py3-none-any.whl   pip download torchsummary==1.5.1 (the GPU
+#                                               machine's Python lacks it)
+#   .data/cifar10-jpg.tar.gz                    tar -czf .data/cifar10-jpg.tar.gz \
+#                                                   -C ../shared/data cifar10-jpg  (20 MB)
+# The call: run(command="bash results/speed/seeds-gpu/run.sh", carry=[".whl", ".data"],
+#               timeout_s=600)
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out" /tmp/data
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+tar -xzf .data/cifar10-jpg.tar.gz -C /tmp/data
+export PYTHONUNBUFFERED=1
+data=(--data-dir /tmp/data/cifar10-jpg --cache-dir /tmp/cache)
+{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; nproc; } > "$out/machine.txt" 2>&1
+
+# The cache, decoded once: both timed runs start from it, as a user's second run does.
+python3 -c "import sys, utils; utils.load_cifar10(sys.argv[1], sys.argv[2])" /tmp/data/cifar10-jpg /tmp/cache
+
+timed() {  # timed LOG LIMIT COMMAND...: wall seconds into LOG's last line
+  local log=$1 limit=$2; shift 2
+  local start=$(date +%s.%N)
+  timeout "$limit" "$@" > "$out/$log" 2>&1
+  echo "exit $?, wall $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)") s" >> "$out/$log"
+}
+timed seeds.log 240 python3 train.py --seeds 0 1 2 "${data[@]}" --out-dir /tmp/seeds
+timed train.log 120 python3 train.py "${data[@]}" --out-dir /tmp/plain
+timed bench.txt 90 python3 bench.py "${data[@]}" --at-once 3 9 --rounds 2 --workers 0 4
+timed pytest.txt 100 python3 -m pytest -q -x tests
+
+# The runs' records (metrics.json, results.md, seeds.md), figures left out.
+tar -czf "$out/runs.tar.gz" -C /tmp --exclude='*.pt' --exclude='*.png' --exclude='.lock' seeds plain
+tail -n 3 "$out"/*.log "$out"/*.txt
