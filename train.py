@@ -1,7 +1,7 @@
 """Train the CIFAR-10 network with BatchNorm, LayerNorm or GroupNorm and report.
 
     python train.py --norm bn      # one variant
-    python train.py                # all three in turn, then the comparison
+    python train.py                # all three (at the same time on a GPU), then the comparison
 
 Outputs (see README, "Usage"): <out-dir>/<norm>/{metrics.json, model.pt,
 checkpoint.pt}, <out-dir>/results.md, and in <images-dir> each variant's curves,
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     parser = cli.Parser(description="Train the small CIFAR-10 network with BatchNorm (bn), "
                                     "LayerNorm (ln) or GroupNorm (gn) and report how it did.")
     parser.add_argument("--norm", choices=[*NORMS, "all"], default="all",
-                        help="normalization variant to train (default: all three in turn)")
+                        help="normalization variant to train (default: all three: in turn on a "
+                             "CPU, at the same time on a GPU)")
     cli.add_recipe_options(parser)
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=cli.seed_int, default=0,
@@ -379,6 +380,7 @@ def train_and_report(args, runs):
     data = {**data, **{split: tuple(t.to(args.device) for t in data[split])
                        for split in ("train", "test")}}
     summary = len(runs) == 1  # one table per norm, not per seed
+    training_start = time.perf_counter()
     side_by_side = min(len(pairs), torch.get_num_threads()) if (
         args.device.type == "cpu" and len(runs) > 1 and "fork" in mp.get_all_start_methods()) else 1
     if args.device.type == "cuda" and len(pairs) > 1:
@@ -393,13 +395,15 @@ def train_and_report(args, runs):
     elif pairs:
         for norm, run in pairs:
             train_together([Training(norm, run, data, summary)], data)
+    training_seconds = time.perf_counter() - training_start
     for run in runs:
         if finished_runs(run):
             write_report(run, data)
     if len(runs) > 1:
         write_seeds_report(args, runs)
     seconds = time.perf_counter() - start
-    print(f"done in {seconds / 60:.1f} min ({seconds:.0f} s)")
+    print(f"done in {seconds / 60:.1f} min ({seconds:.0f} s, of which training "
+          f"{training_seconds:.0f} s)")
 
 
 def train_side_by_side(pairs, data, processes):

@@ -146,11 +146,24 @@ def test_orthogonalize_gives_the_polar_factor_roughly(shape):
     u = torch.linalg.qr(torch.randn(shape[0], rank))[0]
     v = torch.linalg.qr(torch.randn(shape[1], rank))[0]
     matrix = 5 * u @ torch.diag(torch.logspace(-2, 0, rank)) @ v.T
-    result = optimizers.orthogonalize(matrix)
+    result, = optimizers.orthogonalize([matrix])
     singular_values = torch.linalg.svdvals(result)
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25
     polar = u @ v.T
     assert (result * polar).sum() / (result.norm() * polar.norm()) > 0.98
+
+
+def test_orthogonalize_in_one_padded_batch_gives_each_matrix_what_it_gets_alone():
+    """On CUDA all of a step's matrices go through the iteration as one batch, each
+    zero-padded to the largest shape: each must come out as from a batch of its own."""
+    torch.manual_seed(0)
+    shapes = [(16, 27), (32, 16), (64, 9), (96, 96), (64, 9), (9, 96)]
+    matrices = [torch.randn(shape) for shape in shapes]
+    together = optimizers.orthogonalize(matrices, one_batch=True)
+    for matrix, result in zip(matrices, together):
+        alone, = optimizers.orthogonalize([matrix], one_batch=False)
+        assert result.shape == matrix.shape
+        torch.testing.assert_close(result, alone, rtol=1e-4, atol=1e-5)
 
 
 def test_make_optimizer_refuses_an_unknown_name():
@@ -177,7 +190,7 @@ def test_muon_turns_the_normalized_filters_and_gives_the_rest_sgds_step():
     # Nesterov momentum, (1 + 0.9) x the gradient in a first step, at lr 0.03.
     for weight, (before, grad) in zip(filters, start):
         rows = len(weight)
-        turn = optimizers.orthogonalize(1.9 * grad.reshape(rows, -1)).view_as(grad)
+        turn = optimizers.orthogonalize([1.9 * grad.reshape(rows, -1)])[0].view_as(grad)
         torch.testing.assert_close(weight, before * rows ** 0.5 / before.norm() - 0.03 * turn)
     # The rest (the norms' weights and biases, C10) took SGD's step.
     rest = [(a, b) for a, b in zip(model.parameters(), twin.parameters())
