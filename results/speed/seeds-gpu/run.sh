@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 31's GPU measurements, in one command on a lent GPU machine (device tool), warm cache:
 # `--seeds 0 1 2` and the plain run (targets: under 60 s and 25 s on an H200), then bench.py
-# with its at-once rows, then the tests that use CUDA. Each step has a time limit, so that the later ones
-# still run if one is slow; the results are written to $OUT (files: see the end).
+# with its at-once rows, then the tests that use CUDA. Each step has a time limit, so that
+# the later ones still run if one is slow. Writes 7 files to $OUT: machine.txt, seeds.log,
+# train.log, runs.tar.gz, bench.txt, bench-amp.txt, pytest.txt.
 #
 # Needs, carried beside the working tree (both ignored by .git/info/exclude):
 #   .whl/torchsummary-1.5.1-py3-none-any.whl   pip download torchsummary==1.5.1 (the GPU
@@ -30,12 +31,15 @@ timed() {  # timed LOG LIMIT COMMAND...: wall seconds into LOG's last line
   timeout "$limit" "$@" > "$out/$log" 2>&1
   echo "exit $?, wall $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)") s" >> "$out/$log"
 }
-timed seeds.log 240 python3 train.py --seeds 0 1 2 "${data[@]}" --out-dir /tmp/seeds
-timed train.log 120 python3 train.py "${data[@]}" --out-dir /tmp/plain
-timed bench.txt 90 python3 bench.py "${data[@]}" --at-once 3 9 --rounds 2 --workers 0 4
+timed seeds.log 200 python3 train.py --seeds 0 1 2 "${data[@]}" --out-dir /tmp/seeds
+timed train.log 100 python3 train.py "${data[@]}" --out-dir /tmp/plain
+# The runs' records (metrics.json, results.md, seeds.md), figures and weights left out.
+tar -czf "$out/runs.tar.gz" -C /tmp --exclude='*.pt' --exclude='*.png' --exclude='.lock' seeds plain
+timed bench.txt 75 python3 bench.py "${data[@]}" --at-once 3 9 --rounds 2 --workers 0 \
+    --eval-batch-sizes 1000
+# Nine runs at once may be bound by arithmetic rather than launches: bfloat16 there too.
+timed bench-amp.txt 45 python3 bench.py "${data[@]}" --amp --at-once 9 --rounds 2 --workers 0 \
+    --eval-batch-sizes 1000
 # The tests that differ on a GPU (CI runs them all on a CPU).
 timed pytest.txt 90 python3 -m pytest -q tests -k "cuda or graph or together or bench"
-
-# The runs' records (metrics.json, results.md, seeds.md), figures left out.
-tar -czf "$out/runs.tar.gz" -C /tmp --exclude='*.pt' --exclude='*.png' --exclude='.lock' seeds plain
 tail -n 3 "$out"/*.log "$out"/*.txt
