@@ -361,32 +361,32 @@ def train(steps, schedulers, batch_size, desc="train"):
     """
     n = len(steps[0].labels)
     device = steps[0].labels.device
-    epochs = []  # per run: its data order, loss and accuracy sums, finite flag per batch
     for step in steps:
         step.model.train()
-        epochs.append((torch.randperm(n, generator=step.generator, device=device),
-                       torch.zeros((), device=device),
-                       torch.zeros((), dtype=torch.long, device=device), []))
+    orders = [torch.randperm(n, generator=step.generator, device=device) for step in steps]
+    loss_sums = [torch.zeros((), device=device) for _ in steps]
+    corrects = [torch.zeros((), dtype=torch.long, device=device) for _ in steps]
+    finite = [[] for _ in steps]  # per batch, checked after the epoch: a check per batch
+    #                               would wait for the GPU
     streams = [step.stream for step in steps if step.stream is not None]
     for stream in streams:  # after the work queued so far: the above, the last evaluation
         stream.wait_stream(torch.cuda.current_stream())
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=None, leave=False):
-        for step, scheduler, (order, total_loss, correct, finite) in zip(steps, schedulers, epochs):
+        for run, (step, scheduler) in enumerate(zip(steps, schedulers)):
             with torch.cuda.stream(step.stream):  # None, on the CPU: no change
-                index = order[start:start + batch_size]
-                loss, batch_correct = step(index)
+                index = orders[run][start:start + batch_size]
+                loss, correct = step(index)
                 scheduler.step()
-                # checked after the epoch: a check per batch would wait for the GPU
-                finite.append(torch.isfinite(loss))
-                total_loss += loss * len(index)
-                correct += batch_correct
+                finite[run].append(torch.isfinite(loss))
+                loss_sums[run] += loss * len(index)
+                corrects[run] += correct
     for stream in streams:
         torch.cuda.current_stream().wait_stream(stream)
     results = []
-    for total_loss, correct, finite in (epoch[1:] for epoch in epochs):
-        bad_batches = (~torch.stack(finite)).nonzero()
-        results.append(NonFiniteLoss(f"batch {bad_batches[0].item() + 1} of {len(finite)}")
-                       if len(bad_batches) else (total_loss.item() / n, correct.item() / n))
+    for loss_sum, correct, run_finite in zip(loss_sums, corrects, finite):
+        bad_batches = (~torch.stack(run_finite)).nonzero()
+        results.append(NonFiniteLoss(f"batch {bad_batches[0].item() + 1} of {len(run_finite)}")
+                       if len(bad_batches) else (loss_sum.item() / n, correct.item() / n))
     return results
 
 
