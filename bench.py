@@ -146,7 +146,7 @@ def bench_norm(norm, data, args, device):
                  other_name: limit(make_step(other_layout), x.contiguous(memory_format=other_layout))}
     if args.cuda_graph:
         pipelines["project-eager"] = project(cuda_graph=False)
-    batch_images = dict.fromkeys(pipelines, bs)  # images per batch, over all runs
+    batch_images = {}  # images per batch over all runs, where not batch_size
     for runs in args.at_once:
         pipelines[f"at-once-{runs}"], batch_images[f"at-once-{runs}"] = project(runs), runs * bs
     for workers in args.workers:

@@ -25,7 +25,8 @@ def orthogonalize(matrices, steps=5, one_batch=None):
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     # Each matrix wide: the Gram matrix of the short side is the cheaper one.
-    wide = [m.float() if m.size(0) <= m.size(1) else m.float().T for m in matrices]
+    tall = [m.size(0) > m.size(1) for m in matrices]
+    wide = [m.float().T if t else m.float() for m, t in zip(matrices, tall)]
     one_batch = wide[0].is_cuda if one_batch is None else one_batch
     batches = {}  # shape, or None for the one batch -> indices of its matrices
     for i, m in enumerate(wide):
@@ -42,7 +43,7 @@ def orthogonalize(matrices, steps=5, one_batch=None):
             x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
         for i, result in zip(indices, x):
             result = result[:wide[i].size(0), :wide[i].size(1)]
-            results[i] = result if matrices[i].size(0) <= matrices[i].size(1) else result.T
+            results[i] = result.T if tall[i] else result
     return results
 
 

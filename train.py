@@ -268,6 +268,13 @@ def train_together(trainings, data, runs_at_once=None):
         training.finish(data)
 
 
+def on_device(data, device):
+    """The data with both splits' images and labels on `device`: moved once, shared by
+    the runs and the report."""
+    return {**data, **{split: tuple(t.to(device) for t in data[split])
+                       for split in ("train", "test")}}
+
+
 def finished_runs(args):
     """{norm: metrics} of every variant finished in OUT_DIR."""
     runs = {}
@@ -288,7 +295,7 @@ def write_report(args, data):
     runs = finished_runs(args)
     if not runs:
         raise UserError(f"no finished run in {args.out_dir} to report on")
-    images, labels = (t.to(args.device) for t in data["test"])
+    images, labels = data["test"]  # on the device (on_device)
     models = {}
     for norm, metrics in runs.items():
         try:
@@ -376,9 +383,7 @@ def train_and_report(args, runs):
           f"{len(data['test'][1]):,} test images ({time.perf_counter() - start:.1f}s)")
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    # On the device once, shared by the runs.
-    data = {**data, **{split: tuple(t.to(args.device) for t in data[split])
-                       for split in ("train", "test")}}
+    data = on_device(data, args.device)
     summary = len(runs) == 1  # one table per norm, not per seed
     training_start = time.perf_counter()
     side_by_side = min(len(pairs), torch.get_num_threads()) if (

@@ -904,8 +904,7 @@ def train_together(run_args, norms, seeds, *options, out="out"):
     """train.train_together, as train.py calls it on a GPU for --seeds or --norm all,
     on the CPU, for these norms and seeds; returns the Trainings."""
     args = train.parse_args(run_args("--seeds", *map(str, seeds), *options, out=out))
-    data = utils.load_cifar10(args.data_dir, args.cache_dir)
-    data.update({split: tuple(t.to(args.device) for t in data[split]) for split in ("train", "test")})
+    data = train.on_device(utils.load_cifar10(args.data_dir, args.cache_dir), args.device)
     runs = [train.Training(norm, train.seed_args(args, seed), data, summary=False)
             for seed in seeds for norm in norms]
     train.train_together(runs, data)
