@@ -10,7 +10,6 @@ misclassified_compared.png: test images the models disagree on, with every model
 prediction and confidence.
 """
 import argparse
-import json
 from pathlib import Path
 
 import cli
@@ -26,7 +25,8 @@ def parse_args(argv=None):
                         help="run folders holding a model.pt, or model files")
     cli.add_data_options(parser)
     parser.add_argument("--images-dir", type=Path, default=Path("evaluation"),
-                        help="where the figures go (default: %(default)s)")
+                        help="where the figures go; figures of the same names there are "
+                             "replaced (default: %(default)s)")
     cli.add_device_options(parser, training=False)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bfloat16 mixed precision (default: as each model's run was "
@@ -39,13 +39,7 @@ def parse_args(argv=None):
 def recorded_run(model_path):
     """The metrics.json of the run that made the model file, or {} where there is none."""
     path = (model_path if model_path.is_dir() else model_path.parent) / "metrics.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not readable JSON; move it away to evaluate "
-                        "the model without it") from None
+    return reports.read_metrics(path) if path.is_file() else {}
 
 
 def main(argv=None):

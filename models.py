@@ -208,6 +208,10 @@ def load(path, device="cpu"):
     if not isinstance(config, dict) or not {"norm", "blocks", "activation"} <= config.keys():
         raise ModelFileError(f"{path} is not a model file of this project: it does not say "
                              "which network it holds")
+    if not all(isinstance(value, torch.Tensor) for key, value in state_dict.items()
+               if key != "_extra_state"):
+        raise ModelFileError(f"{path} is not a model file of this project: not every weight "
+                             "is a tensor")
     try:
         model = Net(**config)
         model.load_state_dict(state_dict)

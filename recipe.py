@@ -57,8 +57,9 @@ def make_step(run, model, optimizer, images, labels, generator, cuda_graph=False
                            cutout=run["cutout"], amp=run["amp"], cuda_graph=cuda_graph)
 
 
-# What may differ between the runs of one recipe.
-PER_RUN = {"seed", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
+# What may differ between the runs of one recipe (data_digest: older runs did not
+# record it; data_source names their data).
+PER_RUN = {"seed", "data_digest", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
            "epoch_seconds", "runs_at_once", "threads", "device", "processor", "torch",
            "cuda_graph", "resumed"}
 

@@ -1,10 +1,45 @@
 """What is reported over trained models: the results tables, and the figures that
 compare models image by image and class by class (train.py's report and evaluate.py)."""
+import json
+import math
+from numbers import Real
 from pathlib import Path
 
 import devices
 import utils
-from utils import CLASSES
+from models import NORMS
+from utils import CLASSES, UserError
+
+# A finished run's metrics.json: the fields the reports read, and their types.
+METRICS_FIELDS = {"norm": str, "params": int, "seed": int, "epochs": int, "batch_size": int,
+                  "eval_split": str, "train_eval_acc": Real}
+METRICS_SERIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
+
+
+def read_metrics(path):
+    """The metrics.json of a finished run at `path`, checked before any of it is used:
+    UserError, naming the file, for one that is unreadable or of the wrong shape."""
+    def malformed(reason):
+        return UserError(f"{path} is not the metrics of a finished run ({reason}); train the "
+                         "run again with --overwrite, or move the file away")
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        raise malformed("not readable JSON") from None
+    if not isinstance(metrics, dict):
+        raise malformed("not a JSON object")
+    for key, kind in METRICS_FIELDS.items():
+        value = metrics.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise malformed(f"{key} is missing or not {kind.__name__.lower()}")
+    if metrics["norm"] not in NORMS:
+        raise malformed(f"unknown norm {metrics['norm']!r}")
+    series = [metrics.get(key) for key in METRICS_SERIES]
+    if not all(isinstance(values, list) and values and all(
+            isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+               for values in series) or len({len(values) for values in series}) != 1:
+        raise malformed(f"{', '.join(METRICS_SERIES)} must be lists of numbers, one per epoch")
+    return metrics
 
 
 def predict(models, images, precisions):
@@ -20,6 +55,9 @@ def predict(models, images, precisions):
             for name, model in models.items()}
 
 
+COMPARISON_FIGURES = ("per_class.png", "misclassified_compared.png")  # compare() writes
+
+
 def compare(probabilities, images, labels, images_dir, eval_split="test"):
     """Write, for `probabilities` ({name: softmax outputs}, see predict): each model's
     confusion matrix (<name>_confusion.png), per_class.png and
@@ -30,10 +68,10 @@ def compare(probabilities, images, labels, images_dir, eval_split="test"):
         utils.plot_confusion(labels, p, images_dir / f"{file_name(name)}_confusion.png",
                              f"{name}: confusion matrix on the {eval_split} images")
     accuracies = {name: utils.per_class_accuracy(labels, p) for name, p in predictions.items()}
-    utils.plot_per_class(accuracies, images_dir / "per_class.png",
+    utils.plot_per_class(accuracies, images_dir / COMPARISON_FIGURES[0],
                          f"{eval_split} accuracy per class")
     utils.plot_misclassified_compared(
-        images, labels, probabilities, images_dir / "misclassified_compared.png",
+        images, labels, probabilities, images_dir / COMPARISON_FIGURES[1],
         f"{eval_split} images the models disagree on: each model's prediction and confidence")
     return per_class_table(accuracies, labels, predictions)
 

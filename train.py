@@ -7,14 +7,24 @@ Outputs (see README, "Usage"): <out-dir>/<norm>/{metrics.json, model.pt,
 checkpoint.pt}, <out-dir>/results.md, and in <images-dir> each variant's curves,
 misclassified images and confusion matrix, and the figures that compare them.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # a stop while the modules below load: one line, no traceback
+    def _stopped_during_start_up(signum, frame):
+        print("\ninterrupted during start-up: nothing was written", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, _stopped_during_start_up)
+    signal.signal(signal.SIGTERM, _stopped_during_start_up)
+
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing as mp
 import multiprocessing.connection
-import signal
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -92,7 +102,31 @@ def output_files(norm, args):
     return {"metrics": run_dir / "metrics.json", "model": run_dir / "model.pt",
             "checkpoint": run_dir / "checkpoint.pt",
             "curves": args.images_dir / f"{norm}_curves.png",
-            "misclassified": args.images_dir / f"{norm}_misclassified.png"}
+            "misclassified": args.images_dir / f"{norm}_misclassified.png",
+            "confusion": args.images_dir / f"{norm}_confusion.png"}
+
+
+def report_files(args):
+    """The files of the report over all of a seed's variants (write_report)."""
+    return [args.out_dir / "results.md",
+            *(args.images_dir / name for name in reports.COMPARISON_FIGURES),
+            args.images_dir / "comparison.png"]
+
+
+FIGURES_OWNER = ".figures-of"  # in IMAGES_DIR: the OUT_DIR whose runs the figures show
+
+
+def claim_images_dir(args):
+    """Make IMAGES_DIR the figures of OUT_DIR's runs. Figures there of another OUT_DIR's
+    runs are not replaced without --overwrite (UserError)."""
+    owner_file, out_dir = args.images_dir / FIGURES_OWNER, str(args.out_dir.resolve())
+    owner = owner_file.read_text() if owner_file.is_file() else out_dir
+    if owner != out_dir and not args.overwrite and any(args.images_dir.glob("*.png")):
+        raise UserError(f"{args.images_dir} holds the figures of the runs in {owner}; pass "
+                        "--overwrite to replace them, or choose another --images-dir")
+    if owner_file.is_file() and owner == out_dir:
+        return
+    utils.atomic_write_text(out_dir, owner_file)
 
 
 def check_not_clobbering(files, args):
@@ -110,37 +144,41 @@ def check_not_clobbering(files, args):
                         "replace them, or choose another --out-dir")
 
 
-DATA_KEYS = ("data_source", "train_size", "test_size")  # what identifies a run's data
+# What identifies a run's data: its content, not its path (utils.load_cifar10).
+DATA_KEYS = ("data_digest", "train_size", "test_size")
 
 
 def restore(checkpoint, run, model, optimizer, scheduler, generator, path):
-    """Load a checkpoint into the run, or raise UserError before changing anything."""
-    expected_keys = {"run", "model", "optimizer", "scheduler", "rng", "metrics"}
-    if not isinstance(checkpoint, dict) or not expected_keys <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint written by train.py; "
-                        "pass --overwrite to start afresh")
+    """Load a checkpoint (checkpoints.load_checkpoint) into the run, or raise UserError."""
     # The data must be the same too: the options say nothing of it.
     saved_run = {**checkpoint["run"], **{key: checkpoint["metrics"].get(key) for key in DATA_KEYS}}
     if (different := [key for key in [*recipe.RUN_OPTIONS, *DATA_KEYS]
                       if saved_run.get(key) != run[key]]):
-        raise UserError(f"{path} was made with other options "
-                        + ", ".join(f"{key}={saved_run.get(key)!r}" for key in different)
-                        + "; resume with the same options, or pass --overwrite to start afresh")
+        shown = {key: "other images" if key == "data_digest" else repr(saved_run.get(key))
+                 for key in different}
+        raise UserError(f"{path} was made with other options or data "
+                        + ", ".join(f"{key}={value}" for key, value in shown.items())
+                        + "; resume with the same options and data, or pass --overwrite to "
+                        "start afresh")
     try:
         model.load_state_dict(checkpoint["model"])
     except ModelFileError as error:
         raise UserError(f"{path} holds weights of a different model ({error}); "
                         "pass --overwrite to start afresh") from None
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    checkpoints.set_rng_states(checkpoint["rng"], generator)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        checkpoints.set_rng_states(checkpoint["rng"], generator)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise UserError(f"{path} holds a malformed optimizer, schedule or random state "
+                        f"({type(error).__name__}); pass --overwrite to start afresh") from None
     return checkpoint["metrics"]
 
 
 def machine(device):
     """What a run ran on, for its metrics: timings depend on it."""
     return {"device": str(device), "processor": devices.processor_name(device),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "torch": str(torch.__version__), "threads": torch.get_num_threads()}
 
 
 class Training:
@@ -177,7 +215,8 @@ class Training:
         self.generator.manual_seed(args.seed)
 
         self.metrics = {**run, "params": params, **machine(device), "cuda_graph": args.cuda_graph,
-                        "data_source": data["source"], "eval_split": data["eval_split"],
+                        "data_source": data["source"], "data_digest": data["digest"],
+                        "eval_split": data["eval_split"],
                         "train_size": len(train_labels), "test_size": len(data["test"][1]),
                         "train_loss": [], "train_acc": [], "test_loss": [], "test_acc": [],
                         "epoch_seconds": []}
@@ -210,10 +249,10 @@ class Training:
         whose run keeps the checkpoint of the epoch before."""
         epoch = self.epochs_done + 1
         if isinstance(result, utils.NonFiniteLoss):
-            raise utils.NonFiniteLoss(
-                f"{self.name}: the loss became NaN or infinite in epoch {epoch}, {result}. "
-                f"The last good checkpoint ({self.files['checkpoint']}) is kept; "
-                "try a lower --lr")
+            kept = (f"The checkpoint of epoch {epoch - 1} ({self.files['checkpoint']}) is kept"
+                    if epoch > 1 else "No epoch had finished, so there is no checkpoint")
+            raise utils.NonFiniteLoss(f"{self.name}: the loss became NaN or infinite in epoch "
+                                      f"{epoch}, {result}. {kept}; try a lower --lr")
         train_loss, train_acc = result
         start = time.perf_counter()
         test_loss, test_acc, _ = utils.test(self.step_model, *data["test"], amp=self.options["amp"])
@@ -281,11 +320,7 @@ def finished_runs(args):
     for norm in NORMS:
         path = output_files(norm, args)["metrics"]
         if path.exists():
-            try:
-                runs[norm] = json.loads(path.read_text())
-            except (OSError, ValueError):
-                raise UserError(f"{path} is not readable JSON; train the variant again "
-                                "with --overwrite") from None
+            runs[norm] = reports.read_metrics(path)
     return runs
 
 
@@ -328,9 +363,15 @@ def write_report(args, data):
 def stop(signum, frame):
     """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that the
     stop itself (its message, the lock's release) is not cut short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, ignore)
+    signal.signal(signal.SIGTERM, ignore)
     raise KeyboardInterrupt
+
+
+def ignore(signum, frame):
+    """A stop signal after the first. A handler that does nothing, not SIG_IGN: Python
+    raises "Signal ignored due to race condition" for a signal that came in while its
+    handler was still `stop`, if it finds SIG_IGN when it gets to it."""
 
 
 def main(argv=None):
@@ -339,30 +380,43 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    runs = [seed_args(args, seed) for seed in args.seeds]
     try:
-        runs = [seed_args(args, seed) for seed in args.seeds]
         with contextlib.ExitStack() as locks:
             for run in runs:
                 cli.check_writable(run.out_dir, "--out-dir")
                 cli.check_writable(run.images_dir, "--images-dir")
                 locks.enter_context(checkpoints.FolderLock(run.out_dir))
+                if run.images_dir.resolve() != run.out_dir.resolve():
+                    locks.enter_context(checkpoints.FolderLock(run.images_dir, "--images-dir"))
+                for folder in (run.out_dir, run.images_dir):
+                    utils.remove_stale_temporaries(folder)
             train_and_report(args, runs)
     except UserError as error:
         cli.fail(error)
     except utils.NonFiniteLoss as error:
         cli.fail(error, code=1)
     except KeyboardInterrupt:
-        kept = [str(p) for p in args.out_dir.glob("**/checkpoint.pt")]
-        command = " ".join(["python", *sys.argv])
-        print("\ninterrupted: " + (f"the checkpoints of the last finished epochs are kept "
-                                   f"({', '.join(kept)}); resume with: "
-                                   f"{command}{'' if args.resume else ' --resume'}"
-                                   if kept else "no epoch had finished, so no checkpoint "
-                                   "was written"), file=sys.stderr)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("\ninterrupted: " + interrupted_message(args, runs), file=sys.stderr)
+        sys.exit(130)  # the stop handlers stay: a second signal must not cut the exit short
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def interrupted_message(args, runs):
+    """What an interrupt kept, read from the checkpoints themselves, and how to resume."""
+    norms = NORMS if args.norm == "all" else [args.norm]
+    kept = []
+    for path in (output_files(norm, run)["checkpoint"] for run in runs for norm in norms):
+        with contextlib.suppress(UserError):
+            if path.exists():
+                epoch = len(checkpoints.load_checkpoint(path)["metrics"]["train_loss"])
+                kept.append(f"{path} (epoch {epoch})")
+    if args.plots_only or not kept:
+        return "no epoch had finished, so no checkpoint was written"
+    command = [word for word in ["python", *sys.argv] if word != "--overwrite"]
+    return (f"the checkpoints of the last finished epochs are kept ({', '.join(kept)}); "
+            f"resume with: {' '.join(command)}{'' if args.resume else ' --resume'}")
 
 
 def train_and_report(args, runs):
@@ -375,6 +429,13 @@ def train_and_report(args, runs):
     pairs = [(norm, run) for run in runs for norm in norms]
     for norm, run in pairs:  # all of them before any trains
         check_not_clobbering(output_files(norm, run), run)
+    for run in runs:
+        claim_images_dir(run)
+        if args.overwrite and pairs:
+            # The old report goes first: an interrupted --overwrite must not leave it
+            # beside the new runs' checkpoints.
+            for path in report_files(run):
+                path.unlink(missing_ok=True)
     data = utils.load_cifar10(args.data_dir, args.cache_dir)
     if args.val_split:
         data = utils.hold_out(data, args.val_split)
@@ -422,7 +483,8 @@ def train_side_by_side(pairs, data, processes):
         while waiting or running:
             while waiting and len(running) < processes and failed is None:
                 norm, run = waiting.pop(0)
-                process = context.Process(target=run_in_child, args=(norm, run, data, processes))
+                process = context.Process(target=run_in_child,
+                                          args=(norm, run, data, processes, os.getpid()))
                 process.start()
                 running[process.sentinel] = process, norm, run
             if not running:
@@ -445,11 +507,13 @@ def train_side_by_side(pairs, data, processes):
         sys.exit(code if code in (1, 2) else 1)
 
 
-def run_in_child(norm, run, data, processes):
+def run_in_child(norm, run, data, processes, parent):
     """A forked process's one run, on one thread, beside `processes` - 1 others; its
-    errors as train.py's, its exit code as the parent reads it."""
+    errors as train.py's, its exit code as the parent reads it. It stops, keeping its
+    checkpoint, when its parent (pid `parent`) dies."""
     torch.set_num_threads(1)
     try:
+        stop_with_parent(parent)
         train_together([Training(norm, run, data, summary=False)], data,
                        runs_at_once=processes)
     except UserError as error:
@@ -458,6 +522,18 @@ def run_in_child(norm, run, data, processes):
         cli.fail(error, code=1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def stop_with_parent(parent):
+    """Have Linux send this process SIGTERM (which stops a run) when its parent dies;
+    raise KeyboardInterrupt if the parent (pid `parent`) is gone already."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to ask
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise KeyboardInterrupt
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def write_seeds_report(args, runs):

@@ -4,9 +4,11 @@ Nothing here knows about the command line: every function takes what it
 needs as arguments. train.py and evaluate.py are the front ends.
 """
 import collections
+import contextlib
 import hashlib
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from pathlib import Path
@@ -45,22 +47,32 @@ def default_cache_dir():
 
 
 def load_cifar10(data_dir, cache_dir, download=True):
-    """Both splits as {"train": (images, labels), "test": (...), "source": ..., "eval_split": "test"}.
+    """Both splits as {"train": (images, labels), "test": (...), "source": ...,
+    "digest": ..., "eval_split": "test"}.
 
     images: uint8 (N, 3, 32, 32), labels: int64 (N,), CIFAR-10's class order.
     `data_dir` holds either an image folder (train/<class>/*, test/<class>/*)
-    or torchvision's CIFAR10 files (downloaded there when absent).
+    or torchvision's CIFAR10 files (downloaded there when absent). digest: a sha256
+    of the decoded images and labels of both splits, what identifies the data
+    wherever it lies (a resumed run checks it).
     """
     data_dir = Path(data_dir)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"the cache folder {cache_dir} is a file; move it away, or choose "
+                        "another cache folder")
     if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
         data = {split: _cached(data_dir / split, cache_dir, partial(_read_image_folder, data_dir / split))
                 for split in ("train", "test")}
-        return {**data, "source": f"image folder {data_dir}", "eval_split": "test"}
-    _ensure_torchvision_files(data_dir, download)
-    data = {split: _cached(data_dir / "cifar-10-batches-py", cache_dir,
-                           partial(_read_torchvision, data_dir, split == "train"), split)
-            for split in ("train", "test")}
-    return {**data, "source": f"torchvision CIFAR10 {data_dir}", "eval_split": "test"}
+        source = f"image folder {data_dir}"
+    else:
+        _ensure_torchvision_files(data_dir, download)
+        data = {split: _cached(data_dir / "cifar-10-batches-py", cache_dir,
+                               partial(_read_torchvision, data_dir, split == "train"), split)
+                for split in ("train", "test")}
+        source = f"torchvision CIFAR10 {data_dir}"
+    digest = hashlib.sha256("".join(data[split][2] for split in ("train", "test")).encode())
+    return {split: data[split][:2] for split in ("train", "test")} | {
+        "source": source, "digest": digest.hexdigest(), "eval_split": "test"}
 
 
 def hold_out(data, count):
@@ -77,6 +89,7 @@ def hold_out(data, count):
     train, held_out = order[count:].sort().values, order[:count].sort().values
     return {"train": (images[train], labels[train]), "test": (images[held_out], labels[held_out]),
             "source": f"{data['source']}, {count} training images held out",
+            "digest": data["digest"],  # with val_split, which the run records
             "eval_split": "validation"}
 
 
@@ -88,10 +101,20 @@ def _signature(folder):
     return hashlib.sha256(repr(entries).encode()).hexdigest()
 
 
-def _cached(folder, cache_dir, read, name=None):
-    """read(), cached in cache_dir until a file in `folder` changes (_signature).
+def content_digest(images, labels):
+    """A sha256 of the images' and labels' values: the same data gives the same digest
+    wherever it was read from."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        digest.update(tensor.contiguous().numpy().data)
+    return digest.hexdigest()
 
-    The cache carries a digest of its content: a corrupt cache is rebuilt, with a
+
+def _cached(folder, cache_dir, read, name=None):
+    """(images, labels, content_digest) of read(), cached in cache_dir until a file in
+    `folder` changes (_signature).
+
+    The cache carries a digest of its bytes: a corrupt cache is rebuilt, with a
     warning. A cache that cannot be written is a warning too: the run goes on.
     """
     if not folder.is_dir():
@@ -104,16 +127,20 @@ def _cached(folder, cache_dir, read, name=None):
     if cache_file.exists():
         try:
             cached = load_verified(cache_file)
-            if cached["signature"] == signature:
-                return cached["images"], cached["labels"]
+            if cached["signature"] == signature:  # older caches lack the content digest
+                return cached["images"], cached["labels"], cached["content_digest"]
+        except KeyError:
+            pass  # a cache of an older version: rebuilt below
         except Exception as error:  # an unreadable cache is rebuilt below
             print(f"warning: the data cache {cache_file} is unreadable ({error}); rebuilding it")
     images, labels = read()
+    digest = content_digest(images, labels)
     try:
-        save_verified({"signature": signature, "images": images, "labels": labels}, cache_file)
+        save_verified({"signature": signature, "images": images, "labels": labels,
+                       "content_digest": digest}, cache_file)
     except UserError as error:
         print(f"warning: the data cache was not saved: {error}")
-    return images, labels
+    return images, labels, digest
 
 
 def _read_image_folder(split_dir):
@@ -432,17 +459,28 @@ def _replace_atomically(path, write):
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    except OSError as error:
+        reason = error.strerror or str(error)
         raise UserError(f"could not write {path} ({reason}); free some space, or choose "
                         "another folder") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. its folder could not be made
+            tmp.unlink(missing_ok=True)
+
+
+def _serialized(obj):
+    """torch.save's bytes of `obj`. Saved to a buffer, not a file: the zip's inner folder
+    takes a file's name, and a temporary file's unique name would make two saves of the
+    same weights differ in their bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def atomic_save(obj, path):
-    """torch.save `obj` to `path`, atomically."""
-    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save `obj` to `path`, atomically; the same `obj` gives the same bytes."""
+    data = _serialized(obj)
+    _replace_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 DIGEST_HEADER = b"cifar-norms sha256 "
@@ -451,23 +489,48 @@ DIGEST_HEADER = b"cifar-norms sha256 "
 def save_verified(obj, path):
     """torch.save `obj` to `path`, atomically, behind a digest of its bytes that
     load_verified checks: flipped bytes are noticed, not used."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
+    data = _serialized(obj)
     header = DIGEST_HEADER + hashlib.sha256(data).hexdigest().encode() + b"\n"
     _replace_atomically(path, lambda tmp: tmp.write_bytes(header + data))
 
 
-def load_verified(path, weights_only=True):
-    """What save_verified wrote to `path`. Raises FileNotFoundError, or ValueError
-    when the file is not of save_verified or its bytes differ from their digest."""
+def load_verified(path):
+    """What save_verified wrote to `path`, read with weights_only=True: tensors, numbers,
+    text and containers of them, never code. Raises FileNotFoundError, ValueError when
+    the file is not of save_verified or its bytes differ from their digest, and
+    pickle.UnpicklingError for any other object."""
     raw = Path(path).read_bytes()
     header, _, data = raw.partition(b"\n")
     if not header.startswith(DIGEST_HEADER):
         raise ValueError("no digest")
     if hashlib.sha256(data).hexdigest().encode() != header[len(DIGEST_HEADER):]:
         raise ValueError("its content does not match its digest: the file is corrupt")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # _replace_atomically's
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files below `folder` whose writer (the process in their
+    name) is gone: what a writer killed mid-write leaves. Returns how many."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if match and not _process_exists(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def atomic_write_text(text, path):

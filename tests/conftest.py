@@ -41,6 +41,17 @@ def torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """An interrupted train.main keeps ignoring stop signals until its process ends: put
+    the handlers back."""
+    import signal
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "data")
