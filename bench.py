@@ -31,7 +31,7 @@ import devices  # noqa: E402
 import recipe  # noqa: E402
 import utils  # noqa: E402
 from cli import non_negative_int, positive_int  # noqa: E402
-from models import NORMS, Net  # noqa: E402
+from models import NORMS  # noqa: E402
 from utils import UserError  # noqa: E402
 
 EPOCH_IMAGES = 50_000
@@ -99,7 +99,7 @@ def bench_norm(norm, data, args, device):
         """A fresh model in `memory_format`, its optimizer at the peak learning rate
         and its TrainStep on the first n_batches batches."""
         torch.manual_seed(seed)
-        model = Net(norm, run["blocks"], run["activation"]).to(device, memory_format=memory_format)
+        model = recipe.make_model(run).to(device, memory_format=memory_format)
         optimizer = recipe.make_optimizer(run, model)
         step_model = torch.compile(model) if args.compile else model
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -192,6 +192,7 @@ def parse_args(argv=None):
     cli.add_device_options(parser)
     args = parser.parse_args(argv)
     cli.resolve_device(parser, args)
+    cli.check_norm_options(parser, args, NORMS if args.norm == "all" else [args.norm])
     return args
 
 

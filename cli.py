@@ -2,16 +2,21 @@
 parser that ends bad input in one line, the option types, and the options themselves,
 so that each is defined, checked and documented once."""
 import argparse
+import contextlib
+import ctypes
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
 import devices
+import models
 import recipe
 import utils
-from models import ACTIVATION, ACTIVATIONS, BLOCKS, BLOCKS_DEFAULT
+from models import ACTIVATION, ACTIVATIONS, BLOCKS, BLOCKS_DEFAULT, GN_GROUPS, PER_CHANNEL
 from optimizers import OPTIMIZERS
 
 
@@ -60,6 +65,11 @@ def positive_float(text):
     return value
 
 
+def gn_groups(text):
+    """--gn-groups: a whole number, or 'channel' (one group per channel)."""
+    return text if text == PER_CHANNEL else positive_int(text)
+
+
 def per_norm(defaults):
     """'bn 0.9, ln 0.95, gn 0.95', for the help of an option whose default is per norm."""
     return ", ".join(f"{norm} {value}" for norm, value in defaults.items())
@@ -91,6 +101,15 @@ def add_recipe_options(parser):
                         help="default: %(default)s")
     parser.add_argument("--label-smoothing", type=fraction, default=recipe.LABEL_SMOOTHING,
                         help="from 0 to below 1 (default: %(default)s)")
+    parser.add_argument("--bn-batch", type=positive_int, metavar="B",
+                        help="BN only: each BN layer takes its training statistics over groups "
+                             "of B images of every batch (ghost batches), the optimizer still "
+                             "steps on the whole batch; B must divide --batch-size (default: "
+                             "the whole batch)")
+    parser.add_argument("--gn-groups", type=gn_groups, metavar="G",
+                        help=f"GN only: GroupNorm's group count, dividing every width, or "
+                             f"'{PER_CHANNEL}' for one group per channel (InstanceNorm with a "
+                             f"per-channel affine) (default: {GN_GROUPS})")
     parser.add_argument("--translate", type=int, choices=range(0, 9), default=recipe.TRANSLATE,
                         metavar="0..8", help="random shift in pixels, each way (default: %(default)s)")
     parser.add_argument("--cutout", type=int, choices=range(0, 33), default=recipe.CUTOUT,
@@ -125,6 +144,22 @@ def add_device_options(parser, training=True):
                                  "on GPUs, where it is not)")
 
 
+def check_norm_options(parser, args, norms):
+    """--bn-batch and --gn-groups: each of its own norm only, and valid for the network;
+    else parser.error. norms: the norms the command trains."""
+    for option, norm in (("bn_batch", "bn"), ("gn_groups", "gn")):
+        if getattr(args, option) is not None and norm not in norms:
+            parser.error(f"--{option.replace('_', '-')} is {norm.upper()}'s option, and "
+                         f"{', '.join(n.upper() for n in norms)} has none")
+    if args.bn_batch is not None and args.batch_size % args.bn_batch:
+        parser.error(f"--bn-batch {args.bn_batch} does not divide --batch-size {args.batch_size}")
+    if args.gn_groups is not None:
+        try:
+            models.check_gn_groups(args.gn_groups, args.blocks)
+        except ValueError as error:
+            parser.error(f"--gn-groups: {error}")
+
+
 def resolve_device(parser, args):
     """args.device (text) -> torch.device, and args.cuda_graph's default resolved, where
     the parser has those options; a device this machine lacks, or options it cannot
@@ -155,3 +190,33 @@ def check_writable(folder, option):
     except OSError as error:
         raise utils.UserError(f"cannot write to {folder} ({error.strerror}); "
                               f"choose another {option}") from None
+
+
+# ----------------------------------------------------------------------------
+# Stopping: Ctrl-C, SIGTERM, a parent's death
+# ----------------------------------------------------------------------------
+
+def stop(signum, frame):
+    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that the
+    stop itself (its message, the lock's release) is not cut short."""
+    signal.signal(signal.SIGINT, ignore)
+    signal.signal(signal.SIGTERM, ignore)
+    raise KeyboardInterrupt
+
+
+def ignore(signum, frame):
+    """A stop signal after the first. A handler that does nothing, not SIG_IGN: Python
+    raises "Signal ignored due to race condition" for a signal that came in while its
+    handler was still `stop`, if it finds SIG_IGN when it gets to it."""
+
+
+def stop_with_parent(parent=None):
+    """Have Linux send this process SIGTERM (which stops a run) when its parent dies;
+    raise KeyboardInterrupt if the parent (pid `parent`, where given) is gone already."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to ask
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        raise KeyboardInterrupt
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h

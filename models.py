@@ -38,7 +38,54 @@ WIDTHS = {"plain": (16, 16, 24, 24, 36), "separable": (16, 32, 64, 64, 96)}
 
 # Every width of both kinds is a multiple of 4, so GroupNorm can use 4 groups
 # everywhere: groups of 4-24 channels keep the group statistics stable at these widths.
+# The group-count study (docs/norm-studies.md) varies it: any count that divides every
+# width, or PER_CHANNEL, one group per channel (InstanceNorm with a per-channel affine).
 GN_GROUPS = 4
+PER_CHANNEL = "channel"
+
+
+def check_gn_groups(groups, blocks=BLOCKS_DEFAULT):
+    """ValueError unless `groups` (a count, or PER_CHANNEL) divides every width of `blocks`."""
+    if groups == PER_CHANNEL:
+        return
+    widths = sorted(set(WIDTHS[blocks]))
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or any(
+            width % groups for width in widths):
+        raise ValueError(f"GroupNorm's group count must divide every width "
+                         f"({', '.join(map(str, widths))}), or be {PER_CHANNEL!r}; got {groups!r}")
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of groups of `ghost_batch` images
+    of each batch, not of the whole batch: BN as it runs on devices that each hold
+    `ghost_batch` images while the optimizer steps on all of them ("ghost batches",
+    Hoffer et al. 2017). A batch of at most `ghost_batch` images is plain BN, bit for
+    bit; a batch that does not split evenly (an epoch's last) ends in a smaller group.
+    The running statistics move towards the groups' mean statistics. Evaluation uses the
+    running statistics, as plain BN does.
+    """
+
+    def __init__(self, channels, ghost_batch):
+        super().__init__(channels)
+        self.ghost_batch = ghost_batch
+
+    def forward(self, x):
+        if not self.training or len(x) <= self.ghost_batch:
+            return super().forward(x)
+        groups = x.split(self.ghost_batch)
+        # Each group in BatchNorm's own kernel, with running buffers of its own at
+        # momentum 1, which then hold its statistics. One call per group runs about as
+        # fast as BN on the whole batch on a CPU, where a reshape of the groups into
+        # channels costs copies (docs/norm-studies.md, Speed).
+        means = torch.zeros(len(groups), self.num_features, device=x.device)
+        variances = torch.ones_like(means)
+        out = torch.cat([F.batch_norm(group, mean, variance, self.weight, self.bias, True, 1.0, self.eps)
+                         for group, mean, variance in zip(groups, means, variances)])
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(means.mean(0), self.momentum)
+            self.running_var.lerp_(variances.mean(0), self.momentum)
+        return out
 
 
 class GroupNorm(nn.GroupNorm):
@@ -59,12 +106,13 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
 
 
-def make_norm(norm, channels):
-    """The normalization layer for `norm` over `channels` feature maps."""
+def make_norm(norm, channels, gn_groups=GN_GROUPS, bn_batch=None):
+    """The normalization layer for `norm` over `channels` feature maps. gn_groups: GN's
+    group count or PER_CHANNEL; bn_batch: BN's statistics batch (None: the whole batch)."""
     if norm == "bn":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels) if bn_batch is None else GhostBatchNorm2d(channels, bn_batch)
     if norm == "gn":
-        return GroupNorm(GN_GROUPS, channels)
+        return GroupNorm(channels if gn_groups == PER_CHANNEL else gn_groups, channels)
     if norm == "ln":
         # Layer norm over (C, H, W) per sample, with a per-channel affine.
         # nn.LayerNorm([C, H, W]) would learn an affine per element: C*H*W*2
@@ -80,13 +128,13 @@ class ConvBlock(nn.Sequential):
     activation: "relu" or "gelu" (see ACTIVATIONS).
     """
 
-    def __init__(self, c_in, c_out, norm, separable=False, activation="relu"):
+    def __init__(self, c_in, c_out, norm, separable=False, activation="relu", **norm_options):
         if separable:
             convs = [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in, bias=False),
                      nn.Conv2d(c_in, c_out, 1, bias=False)]
         else:
             convs = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
-        super().__init__(*convs, make_norm(norm, c_out), ACTIVATIONS[activation]())
+        super().__init__(*convs, make_norm(norm, c_out, **norm_options), ACTIVATIONS[activation]())
 
 
 class GlobalAvgPool(nn.Module):
@@ -109,7 +157,9 @@ class ModelFileError(ValueError):
 
 class Net(nn.Module):
     """The network. Net(norm) with no other argument is the default recipe's network;
-    blocks and activation (default: ACTIVATION[norm]) choose another.
+    blocks and activation (default: ACTIVATION[norm]) choose another, and so do
+    gn_groups (GN only: GN_GROUPS by default) and bn_batch (BN only: the statistics
+    batch of GhostBatchNorm2d; None, the whole batch, by default).
 
     Its state_dict carries `config` (the arguments that build it) beside the weights,
     so a saved file says what network it holds: load() rebuilds it from the file, and
@@ -117,21 +167,33 @@ class Net(nn.Module):
     the wrong one (weights of another activation fit the same shapes).
     """
 
-    def __init__(self, norm="bn", blocks=BLOCKS_DEFAULT, activation=None):
+    def __init__(self, norm="bn", blocks=BLOCKS_DEFAULT, activation=None, gn_groups=None,
+                 bn_batch=None):
         super().__init__()
         activation = activation or ACTIVATION.get(norm)
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+        if gn_groups is not None and norm != "gn":
+            raise ValueError("gn_groups is GroupNorm's option; this network is of norm " + norm)
+        if bn_batch is not None and (norm != "bn" or not isinstance(bn_batch, int) or bn_batch < 1):
+            raise ValueError(f"bn_batch must be a positive count, of BatchNorm only; got {bn_batch!r}")
         if blocks not in BLOCKS:
             raise ValueError(f"unknown blocks {blocks!r}; choose one of {', '.join(BLOCKS)}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; "
                              f"choose one of {', '.join(ACTIVATIONS)}")
-        self.config = {"norm": norm, "blocks": blocks, "activation": activation}
+        if gn_groups is not None:
+            check_gn_groups(gn_groups, blocks)
+        # The norm's options only where set, so that the default network's config (and
+        # every model file written before the options existed) stays as it was.
+        self.config = {"norm": norm, "blocks": blocks, "activation": activation} | {
+            key: value for key, value in (("gn_groups", gn_groups), ("bn_batch", bn_batch))
+            if value is not None and not (key == "gn_groups" and value == GN_GROUPS)}
         w12, w_c3, w345, w_c6, w789 = WIDTHS[blocks]
+        norm_options = {"gn_groups": gn_groups or GN_GROUPS, "bn_batch": bn_batch}
 
         def block(c_in, c_out, separable=blocks == "separable"):
-            return ConvBlock(c_in, c_out, norm, separable, activation)
+            return ConvBlock(c_in, c_out, norm, separable, activation, **norm_options)
 
         self.conv1 = block(3, w12, separable=False)
         self.conv2 = block(w12, w12, separable=False)

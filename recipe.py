@@ -7,7 +7,7 @@ value: docs/ablation.md and docs/optimizer.md.
 import devices
 import optimizers
 import utils
-from models import ACTIVATION
+from models import ACTIVATION, GN_GROUPS, Net
 
 EPOCHS = 20
 BATCH_SIZE = 128
@@ -22,9 +22,9 @@ TRANSLATE = 4           # pixels of random shift each way
 CUTOUT = 0              # side of the cutout square; 0 = off
 
 # The options a checkpoint must share with the run that resumes it.
-RUN_OPTIONS = ("norm", "blocks", "activation", "epochs", "batch_size", "lr", "momentum",
-               "optimizer", "muon_lr", "weight_decay", "label_smoothing", "translate", "cutout",
-               "seed", "val_split", "amp")
+RUN_OPTIONS = ("norm", "blocks", "activation", "gn_groups", "bn_batch", "epochs", "batch_size",
+               "lr", "momentum", "optimizer", "muon_lr", "weight_decay", "label_smoothing",
+               "translate", "cutout", "seed", "val_split", "amp")
 
 
 def run_options(norm, args):
@@ -35,7 +35,16 @@ def run_options(norm, args):
         "momentum": MOMENTUM[norm] if args.momentum is None else args.momentum,
         "muon_lr": ((MUON_LR[norm] if args.muon_lr is None else args.muon_lr)
                     if args.optimizer == "muon" else None),  # no Muon lr where no Muon
-        "activation": ACTIVATION[norm] if args.activation is None else args.activation}
+        "activation": ACTIVATION[norm] if args.activation is None else args.activation,
+        # Each norm's own option, None for the others; a statistics batch of the whole
+        # batch is plain BN.
+        "gn_groups": (args.gn_groups or GN_GROUPS) if norm == "gn" else None,
+        "bn_batch": args.bn_batch if norm == "bn" and args.bn_batch != args.batch_size else None}
+
+
+def make_model(run):
+    """The network of `run` (run_options)."""
+    return Net(run["norm"], run["blocks"], run["activation"], run["gn_groups"], run["bn_batch"])
 
 
 def make_optimizer(run, model):
@@ -68,12 +77,15 @@ PER_RUN = {"seed", "data_digest", "train_acc", "train_loss", "test_acc", "test_l
 # (ReLU), --optimizer (SGD, hence no Muon learning rate), and the options of the
 # experiments that were measured and not kept (docs/ablation.md).
 RECORDED_LATER = {"blocks": "plain", "amp": False, "activation": "relu", "ema": 0.0,
-                  "wd_all": 1, "gn_groups": 4, "whiten": 0, "warmup": 0.25, "alt_flip": False,
+                  "wd_all": 1, "gn_groups": GN_GROUPS, "bn_batch": None, "whiten": 0, "warmup": 0.25, "alt_flip": False,
                   "clean_last": 0, "decay": "linear", "init": "default",
                   "optimizer": "sgd", "muon_lr": None}
 
 
 def of_run(metrics):
     """The recipe a finished run used: its metrics less what differs from run to run,
-    with the options it did not record read as the values it used."""
-    return {**RECORDED_LATER, **{k: v for k, v in metrics.items() if k not in PER_RUN}}
+    with the options it did not record read as the values it used, and a norm's own
+    option (gn_groups, bn_batch) None for the other norms, where it means nothing."""
+    run = {**RECORDED_LATER, **{k: v for k, v in metrics.items() if k not in PER_RUN}}
+    return run | {"gn_groups": run["gn_groups"] if run["norm"] == "gn" else None,
+                  "bn_batch": run["bn_batch"] if run["norm"] == "bn" else None}

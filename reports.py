@@ -115,6 +115,23 @@ def seeds_table(runs):
     return "\n".join(lines) + "\n"
 
 
+def study_table(runs, label, default):
+    """A markdown table of a study (study.py): one row per setting. runs: {setting:
+    [metrics of each seed]}; label: the setting's name (B, G); default: the default
+    recipe's setting, marked."""
+    split = next(iter(runs.values()))[0]["eval_split"]
+    lines = [f"| {label} | seeds | {split} acc, mean | {split} acc, min / max "
+             "| train acc (final weights), mean |", "|---|---:|---:|---:|---:|"]
+    for setting, metrics in runs.items():
+        final = [100 * m["test_acc"][-1] for m in metrics]
+        train = [100 * m["train_eval_acc"] for m in metrics]
+        name = f"{setting} (default)" if setting == default else str(setting)
+        lines.append(f"| {name} | {', '.join(str(m['seed']) for m in metrics)} "
+                     f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
+                     f"| {sum(train) / len(train):.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def per_class_table(accuracies, labels, predictions):
     """A markdown table: each class's accuracy under each model, side by side, and
     each model's overall accuracy."""

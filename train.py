@@ -19,7 +19,6 @@ if __name__ == "__main__":  # a stop while the modules below load: one line, no 
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import multiprocessing as mp
@@ -36,7 +35,7 @@ import devices
 import recipe
 import reports
 import utils
-from models import NORMS, ModelFileError, Net, count_parameters, load
+from models import NORMS, ModelFileError, count_parameters, load
 from utils import UserError
 
 
@@ -77,6 +76,7 @@ def parse_args(argv=None):
                              "finished in OUT_DIR")
     args = parser.parse_args(argv)
     cli.resolve_device(parser, args)
+    cli.check_norm_options(parser, args, NORMS if args.norm == "all" else [args.norm])
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     args.images_dir = args.images_dir or args.out_dir / "images"
@@ -196,7 +196,7 @@ class Training:
 
         checkpoints.seed_everything(args.seed)
         self.options = run = recipe.run_options(norm, args)
-        model = Net(norm, run["blocks"], run["activation"])
+        model = recipe.make_model(run)
         params = count_parameters(model)
         print(f"\n=== {self.name.upper()}: {params:,} trainable parameters ===")
         if checkpoint is None and summary:
@@ -360,26 +360,12 @@ def write_report(args, data):
 # Main
 # ----------------------------------------------------------------------------
 
-def stop(signum, frame):
-    """The first Ctrl-C or SIGTERM stops the run; later ones are ignored, so that the
-    stop itself (its message, the lock's release) is not cut short."""
-    signal.signal(signal.SIGINT, ignore)
-    signal.signal(signal.SIGTERM, ignore)
-    raise KeyboardInterrupt
-
-
-def ignore(signum, frame):
-    """A stop signal after the first. A handler that does nothing, not SIG_IGN: Python
-    raises "Signal ignored due to race condition" for a signal that came in while its
-    handler was still `stop`, if it finds SIG_IGN when it gets to it."""
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, cli.stop)
+    signal.signal(signal.SIGTERM, cli.stop)
     runs = [seed_args(args, seed) for seed in args.seeds]
     try:
         with contextlib.ExitStack() as locks:
@@ -513,7 +499,7 @@ def run_in_child(norm, run, data, processes, parent):
     checkpoint, when its parent (pid `parent`) dies."""
     torch.set_num_threads(1)
     try:
-        stop_with_parent(parent)
+        cli.stop_with_parent(parent)
         train_together([Training(norm, run, data, summary=False)], data,
                        runs_at_once=processes)
     except UserError as error:
@@ -522,18 +508,6 @@ def run_in_child(norm, run, data, processes, parent):
         cli.fail(error, code=1)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def stop_with_parent(parent):
-    """Have Linux send this process SIGTERM (which stops a run) when its parent dies;
-    raise KeyboardInterrupt if the parent (pid `parent`) is gone already."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to ask
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        raise KeyboardInterrupt
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def write_seeds_report(args, runs):

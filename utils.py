@@ -705,3 +705,52 @@ def plot_per_class(accuracies, path, title):
     ax.grid(axis="y", alpha=0.3)
     ax.legend(ncols=len(accuracies))
     save_figure(fig, path)
+
+
+def plot_study(runs, references, study, path):
+    """A study's figure (study.py): test accuracy against the setting, the mean over the
+    seeds with their range as error bars. runs: {setting: [metrics of each seed]};
+    references: {norm name: [metrics of each seed]}, other norms' default runs, drawn
+    as flat bands (bn-batch: they do not depend on B) or, for LN in gn-groups, as a
+    point beside G = 1 (LN is GN with one group, in its own recipe)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    split = next(iter(runs.values()))[0]["eval_split"]
+
+    def accuracies(seeds):
+        values = [100 * m["test_acc"][-1] for m in seeds]
+        return sum(values) / len(values), min(values), max(values)
+
+    settings = list(runs)
+    # bn-batch: B on a log-2 axis; gn-groups: the group counts in order, "channel" last.
+    xs = settings if study == "bn-batch" else list(range(len(settings)))
+    mean, low, high = zip(*(accuracies(runs[s]) for s in settings))
+    norm = next(iter(runs.values()))[0]["norm"].upper()
+    ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)],
+                                [hi - m for m, hi in zip(mean, high)]],
+                marker="o", capsize=4, label=f"{norm}: mean, range over seeds")
+    for k, (name, seeds) in enumerate(references.items()):
+        ref_mean, ref_low, ref_high = accuracies(seeds)
+        color = f"C{k + 1}"
+        if study == "gn-groups" and name == "LN":
+            ax.errorbar([-0.15], [ref_mean], yerr=[[ref_mean - ref_low], [ref_high - ref_mean]],
+                        marker="s", capsize=4, color=color, linestyle="none",
+                        label="LN, its own recipe (GN with 1 group)")
+            continue
+        ax.axhspan(ref_low, ref_high, color=color, alpha=0.15, linewidth=0)
+        ax.axhline(ref_mean, color=color, linestyle="--",
+                   label=f"{name} (default, independent of {'B' if study == 'bn-batch' else 'G'})")
+    if study == "bn-batch":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(settings, [str(s) for s in settings])
+        ax.set(xlabel="B: images per BN statistics group (the optimizer's batch stays "
+                      f"{runs[settings[0]][0]['batch_size']})")
+    else:
+        ax.set_xticks(xs, ["per\nchannel" if s == "channel" else str(s) for s in settings])
+        ax.set(xlabel="G: GroupNorm's group count")
+    seeds = sorted({m["seed"] for s in runs.values() for m in s})
+    ax.set(ylabel=f"{split} accuracy (%)",
+           title=f"{norm}, {split} accuracy of the final weights, seeds {', '.join(map(str, seeds))}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    save_figure(fig, path)

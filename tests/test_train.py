@@ -14,6 +14,7 @@ import torch
 
 import bench
 import checkpoints
+import cli
 import devices
 import models
 import optimizers
@@ -826,8 +827,8 @@ def test_sigterm_while_images_are_decoded_ends_the_process_promptly(run_args, tm
 def test_a_second_stop_signal_is_ignored_while_the_first_stops_the_run():
     try:
         with pytest.raises(KeyboardInterrupt):
-            train.stop(signal.SIGTERM, None)
-        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == train.ignore
+            cli.stop(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == cli.ignore
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
