@@ -209,3 +209,91 @@ def test_committed_models_have_the_names_and_shapes_of_net_of_their_norm(run, no
     assert saved["_extra_state"] == expected["_extra_state"]
     assert {k: v.shape for k, v in saved.items() if k != "_extra_state"} == {
         k: v.shape for k, v in expected.items() if k != "_extra_state"}
+
+
+# ----------------------------------------------------------------------------
+# What each norm averages over: BN's statistics batch, GN's group count (issue 37)
+# ----------------------------------------------------------------------------
+
+def bn_output_and_gradients(layer, x):
+    x = x.clone().requires_grad_()
+    out = layer.train()(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out, x.grad, layer.weight.grad, layer.bias.grad
+
+
+def test_a_statistics_batch_of_the_whole_batch_is_batchnorm_bit_for_bit():
+    x = torch.randn(16, 8, 5, 5)
+    ghost, plain = models.GhostBatchNorm2d(8, 16), nn.BatchNorm2d(8)
+    for a, b in zip(bn_output_and_gradients(ghost, x), bn_output_and_gradients(plain, x)):
+        assert torch.equal(a, b)
+    assert torch.equal(ghost.running_mean, plain.running_mean)
+    assert torch.equal(ghost.running_var, plain.running_var)
+    torch.manual_seed(0)
+    whole = Net("bn", bn_batch=16)(x[:, :3].repeat(1, 1, 7, 7)[..., :32, :32])
+    torch.manual_seed(0)
+    assert torch.equal(whole, Net("bn")(x[:, :3].repeat(1, 1, 7, 7)[..., :32, :32]))
+
+
+def test_a_smaller_statistics_batch_normalizes_each_group_as_batchnorm_would_alone():
+    x = torch.randn(20, 8, 5, 5)  # groups of 8, 8 and a last one of 4
+    ghost = models.GhostBatchNorm2d(8, 8)
+    out, grad, _, _ = bn_output_and_gradients(ghost, x)
+    alone = [bn_output_and_gradients(nn.BatchNorm2d(8), group) for group in x.split(8)]
+    torch.testing.assert_close(out, torch.cat([a[0] for a in alone]))
+    plain = [nn.BatchNorm2d(8).train() for _ in range(3)]
+    for layer, group in zip(plain, x.split(8)):
+        layer(group)
+    # The running statistics: the mean of what each group alone would have moved them to.
+    torch.testing.assert_close(ghost.running_mean, torch.stack([p.running_mean for p in plain]).mean(0))
+    torch.testing.assert_close(ghost.running_var, torch.stack([p.running_var for p in plain]).mean(0))
+    ghost.eval()  # evaluation: the running statistics, as BN's
+    plain_eval = nn.BatchNorm2d(8).eval()
+    plain_eval.load_state_dict(ghost.state_dict())
+    assert torch.equal(ghost(x), plain_eval(x))
+
+
+@pytest.mark.parametrize("norm, options", [("ln", {}), ("gn", {}), ("gn", {"gn_groups": 1}),
+                                           ("gn", {"gn_groups": "channel"})])
+def test_ln_and_gn_normalize_each_image_whatever_the_others_in_its_batch(norm, options):
+    layer = models.make_norm(norm, 16, **options).train()
+    x = torch.randn(6, 16, 4, 4)
+    others_changed = torch.cat([x[:1], 5 * torch.randn(5, 16, 4, 4) + 3])
+    assert torch.equal(layer(x)[0], layer(others_changed)[0])
+
+
+def test_one_group_is_the_ln_variant_and_one_per_channel_is_instance_norm():
+    x = torch.randn(4, 16, 6, 6)
+    torch.testing.assert_close(models.make_norm("gn", 16, gn_groups=1)(x),
+                               models.make_norm("ln", 16)(x))
+    per_channel, instance = models.make_norm("gn", 16, gn_groups="channel"), nn.InstanceNorm2d(16, affine=True)
+    for layer in (per_channel, instance):  # the same affine, not the identity
+        nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(1))
+        nn.init.normal_(layer.bias, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(per_channel(x), instance(x))
+
+
+@pytest.mark.parametrize("groups", [3, 5, 0, 32])
+def test_a_group_count_that_does_not_divide_every_width_is_refused(groups):
+    with pytest.raises(ValueError, match="must divide every width"):
+        Net("gn", gn_groups=groups)
+
+
+@pytest.mark.parametrize("norm, options", [("bn", {"bn_batch": 4}), ("gn", {"gn_groups": 8}),
+                                           ("gn", {"gn_groups": "channel"})])
+def test_a_saved_model_with_a_statistics_batch_or_group_count_loads_back(tmp_path, norm, options):
+    model = Net(norm, **options)
+    model.train()(torch.randn(8, 3, 32, 32))  # BN: running statistics from ghost batches
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = models.load(tmp_path / "model.pt")
+    assert loaded.config == model.config and {**options}.items() <= loaded.config.items()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(loaded(x), model.eval()(x))
+    if norm == "bn":
+        assert all(m.ghost_batch == 4 for m in loaded.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_a_default_network_with_the_options_spelled_out_has_the_default_config():
+    """Model files written before the options existed name the same network."""
+    assert Net("gn", gn_groups=GN_GROUPS).config == Net("gn").config
+    assert Net("bn", bn_batch=None).config == Net("bn").config

@@ -438,9 +438,34 @@ def one_line_error(capsys, argv, main=train.main):
     ("--seed", str(2**70), "at most 4294967295"),
     ("--label-smoothing", "2", "below 1.0"),
     ("--momentum", "5", "below 1.0"),
+    ("--bn-batch", "0", "must be at least 1"),
+    ("--bn-batch", "5", "--bn-batch 5 does not divide --batch-size 32"),
+    ("--gn-groups", "3", "must divide every width"),
+    ("--gn-groups", "layer", "not a whole number"),
 ])
 def test_bad_option_is_one_line_and_exit_code_2(run_args, capsys, option, value, message):
     assert message in one_line_error(capsys, [*run_args(), option, value])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--norm", "ln", "--bn-batch", "8"], "--bn-batch is BN's option, and LN has none"),
+    (["--norm", "bn", "--gn-groups", "8"], "--gn-groups is GN's option, and BN has none"),
+])
+def test_a_norms_own_option_for_another_norm_is_one_line(run_args, capsys, options, message):
+    assert message in one_line_error(capsys, [*run_args(), *options])
+
+
+@pytest.mark.parametrize("norm, option, value", [("bn", "--bn-batch", "8"),
+                                                 ("gn", "--gn-groups", "channel")])
+def test_a_norms_own_option_is_recorded_and_rebuilt_and_leaves_the_others_alone(
+        run_args, tmp_path, norm, option, value):
+    train.main(run_args(option, value, "--epochs", "1"))  # all three norms
+    for other in ("bn", "ln", "gn"):
+        metrics = json.loads((tmp_path / "out" / other / "metrics.json").read_text())
+        key = option[2:].replace("-", "_")
+        expected = (int(value) if value.isdigit() else value) if other == norm else None
+        assert metrics[key] == expected
+        assert models.load(tmp_path / "out" / other).config.get(key) == expected
 
 
 @pytest.mark.parametrize("options, message", [

@@ -44,15 +44,27 @@ def write_with_digest(obj, path):
                            + b"\n" + data)
 
 
-def stopped_after_one_epoch(run_args, tmp_path, *options):
-    """A BN run of 2 epochs in tmp_path/out, as if stopped after its first: its checkpoint
-    of epoch 1 and no finished run."""
-    train.main(run_args("--norm", "bn", "--epochs", "1", *options))
-    checkpoint = checkpoints.load_checkpoint(tmp_path / "out/bn/checkpoint.pt")
-    checkpoint["run"]["epochs"] = 2
-    checkpoints.save_checkpoint(checkpoint, tmp_path / "out/bn/checkpoint.pt")
-    (tmp_path / "out/bn/metrics.json").unlink()
-    return checkpoint
+def stop_after_the_first_epoch(argv, monkeypatch):
+    """train.main(argv), interrupted as a Ctrl-C would after its first epoch."""
+    real_train, calls = utils.train, []
+
+    def interrupted_in_the_second(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(utils, "train", interrupted_in_the_second)
+    with pytest.raises(SystemExit):
+        train.main(argv)
+    monkeypatch.undo()
+
+
+@pytest.fixture
+def stopped_run(run_args, tmp_path, monkeypatch, capsys):
+    """A BN run of 2 epochs in tmp_path/out, stopped after its first: its checkpoint."""
+    stop_after_the_first_epoch(run_args("--norm", "bn", "--epochs", "2"), monkeypatch)
+    capsys.readouterr()
+    return checkpoints.load_checkpoint(tmp_path / "out/bn/checkpoint.pt")
 
 
 # ----------------------------------------------------------------------------
@@ -60,8 +72,8 @@ def stopped_after_one_epoch(run_args, tmp_path, *options):
 # ----------------------------------------------------------------------------
 
 def test_a_crafted_checkpoint_with_a_valid_digest_is_refused_and_never_runs(
-        run_args, tmp_path, capsys):
-    checkpoint = stopped_after_one_epoch(run_args, tmp_path)
+        run_args, tmp_path, capsys, stopped_run):
+    checkpoint = stopped_run
     marker = tmp_path / "code-ran"
     checkpoint["metrics"]["test_acc"] = RunsCode(marker)
     write_with_digest(checkpoint, tmp_path / "out/bn/checkpoint.pt")
@@ -110,8 +122,8 @@ def test_a_crafted_cache_is_rebuilt_and_never_runs(image_folder, tmp_path, capsy
 # 2. Resume checks the data's content, not its path
 # ----------------------------------------------------------------------------
 
-def test_resume_refuses_changed_images_of_the_same_count(run_args, image_folder, tmp_path, capsys):
-    stopped_after_one_epoch(run_args, tmp_path)
+def test_resume_refuses_changed_images_of_the_same_count(run_args, image_folder, tmp_path, capsys,
+                                                         stopped_run):
     shutil.rmtree(image_folder)
     write_image_folder(image_folder, seed=1)  # other pixels, same counts and names
     err = one_line_error(capsys, run_args("--norm", "bn", "--epochs", "2", "--resume"))
@@ -119,8 +131,8 @@ def test_resume_refuses_changed_images_of_the_same_count(run_args, image_folder,
 
 
 @pytest.mark.parametrize("move", ["copy", "symlink"])
-def test_resume_accepts_the_same_images_at_another_path(run_args, image_folder, tmp_path, move):
-    stopped_after_one_epoch(run_args, tmp_path)
+def test_resume_accepts_the_same_images_at_another_path(run_args, image_folder, tmp_path, move,
+                                                        stopped_run):
     elsewhere = tmp_path / "elsewhere"
     if move == "copy":
         shutil.copytree(image_folder, elsewhere)
@@ -158,8 +170,8 @@ MALFORMED_CHECKPOINTS = {
 
 @pytest.mark.parametrize("damage", MALFORMED_CHECKPOINTS)
 def test_a_checkpoint_with_a_valid_digest_and_malformed_content_is_one_line(
-        run_args, tmp_path, capsys, damage):
-    checkpoint = stopped_after_one_epoch(run_args, tmp_path)
+        run_args, tmp_path, capsys, damage, stopped_run):
+    checkpoint = stopped_run
     MALFORMED_CHECKPOINTS[damage](checkpoint)
     checkpoints.save_checkpoint(checkpoint, tmp_path / "out/bn/checkpoint.pt")
     err = one_line_error(capsys, run_args("--norm", "bn", "--epochs", "2", "--resume"))
@@ -232,25 +244,15 @@ def test_evaluate_says_in_its_help_what_it_replaces(capsys):
 def test_an_interrupted_overwrite_removes_the_old_report_and_prints_a_working_command(
         run_args, tmp_path, monkeypatch, capsys):
     train.main(run_args("--norm", "bn", "--epochs", "2"))
-    real_train, calls = utils.train, []
-
-    def stopped_after_one_epoch_(*a, **k):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_train(*a, **k)
-    monkeypatch.setattr(utils, "train", stopped_after_one_epoch_)
     capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["train.py", *run_args("--norm", "bn", "--epochs", "2",
-                                                            "--overwrite")])
-    with pytest.raises(SystemExit):
-        train.main(sys.argv[1:])
+    argv = run_args("--norm", "bn", "--epochs", "2", "--overwrite")
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    stop_after_the_first_epoch(argv, monkeypatch)
     err = capsys.readouterr().err
     assert "checkpoint.pt (epoch 1)" in err and "--overwrite" not in err
     for name in ("out/results.md", "out/images/comparison.png", "out/images/per_class.png",
                  "out/images/bn_confusion.png", "out/images/bn_curves.png"):
         assert not (tmp_path / name).exists(), name
-    monkeypatch.undo()
     train.main(err.split("resume with: python ")[1].split()[1:])  # the printed command works
     assert len(json.loads((tmp_path / "out/bn/metrics.json").read_text())["test_acc"]) == 2
 
