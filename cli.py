@@ -147,7 +147,7 @@ def add_device_options(parser, training=True):
 def check_norm_options(parser, args, norms):
     """--bn-batch and --gn-groups: each of its own norm only, and valid for the network;
     else parser.error. norms: the norms the command trains."""
-    for option, norm in (("bn_batch", "bn"), ("gn_groups", "gn")):
+    for option, norm in recipe.NORM_OPTIONS.items():
         if getattr(args, option) is not None and norm not in norms:
             parser.error(f"--{option.replace('_', '-')} is {norm.upper()}'s option, and "
                          f"{', '.join(n.upper() for n in norms)} has none")

@@ -60,15 +60,18 @@ def main(argv=None):
         precisions = {name: run.get("amp", False) if args.amp is None else args.amp
                       for name, run in runs.items()}
         probabilities = reports.predict(models, images, precisions)
-        print(f"{data['source']}: {len(labels):,} test images, on {args.device}\n")
+        tta = reports.predict(models, images, precisions, flip_tta=True)
+        print(f"{data['source']}: {len(labels):,} test images, on {args.device}; flip-TTA: "
+              "the mean of the softmax of each image and of its mirror image\n")
         for (name, p), path in zip(probabilities.items(), args.models):
             accuracy = (p.argmax(1) == labels).float().mean().item()
+            tta_accuracy = (tta[name].argmax(1) == labels).float().mean().item()
             recorded = runs[name].get("test_acc", [None])[-1] if runs[name].get(
                 "eval_split") == "test" else None
             note = f" (its run recorded {100 * recorded:.2f}%)" if recorded is not None else ""
-            print(f"{name:<4} {path}: test accuracy {100 * accuracy:.2f}%{note}, "
-                  f"{'bfloat16' if precisions[name] else 'float32'}")
-        table = reports.compare(probabilities, images, labels, args.images_dir)
+            print(f"{name:<4} {path}: test accuracy {100 * accuracy:.2f}%{note}, flip-TTA "
+                  f"{100 * tta_accuracy:.2f}%, {'bfloat16' if precisions[name] else 'float32'}")
+        table = reports.compare(models, probabilities, images, labels, args.images_dir)
         print(f"\naccuracy per class:\n\n{table}\nfigures in {args.images_dir}")
     except UserError as error:
         cli.fail(error)

@@ -6,6 +6,7 @@ value: docs/ablation.md and docs/optimizer.md.
 """
 import devices
 import optimizers
+import reports
 import utils
 from models import ACTIVATION, GN_GROUPS, Net
 
@@ -36,8 +37,8 @@ def run_options(norm, args):
         "muon_lr": ((MUON_LR[norm] if args.muon_lr is None else args.muon_lr)
                     if args.optimizer == "muon" else None),  # no Muon lr where no Muon
         "activation": ACTIVATION[norm] if args.activation is None else args.activation,
-        # Each norm's own option, None for the others; a statistics batch of the whole
-        # batch is plain BN.
+        # Each norm's own option (NORM_OPTIONS), None for the others; a statistics batch
+        # of the whole batch is plain BN.
         "gn_groups": (args.gn_groups or GN_GROUPS) if norm == "gn" else None,
         "bn_batch": args.bn_batch if norm == "bn" and args.bn_batch != args.batch_size else None}
 
@@ -68,7 +69,7 @@ def make_step(run, model, optimizer, images, labels, generator, cuda_graph=False
 
 # What may differ between the runs of one recipe (data_digest: older runs did not
 # record it; data_source names their data).
-PER_RUN = {"seed", "data_digest", "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
+PER_RUN = {"seed", "data_digest", reports.TTA, "train_acc", "train_loss", "test_acc", "test_loss", "train_eval_acc",
            "epoch_seconds", "runs_at_once", "threads", "device", "processor", "torch",
            "cuda_graph", "resumed"}
 
@@ -82,10 +83,14 @@ RECORDED_LATER = {"blocks": "plain", "amp": False, "activation": "relu", "ema": 
                   "optimizer": "sgd", "muon_lr": None}
 
 
+# Each norm's own option: None for the other norms, where it means nothing.
+NORM_OPTIONS = {"gn_groups": "gn", "bn_batch": "bn"}
+
+
 def of_run(metrics):
     """The recipe a finished run used: its metrics less what differs from run to run,
-    with the options it did not record read as the values it used, and a norm's own
-    option (gn_groups, bn_batch) None for the other norms, where it means nothing."""
+    with the options it did not record read as the values it used (NORM_OPTIONS None
+    where they mean nothing)."""
     run = {**RECORDED_LATER, **{k: v for k, v in metrics.items() if k not in PER_RUN}}
-    return run | {"gn_groups": run["gn_groups"] if run["norm"] == "gn" else None,
-                  "bn_batch": run["bn_batch"] if run["norm"] == "bn" else None}
+    return run | {key: run[key] if run["norm"] == norm else None
+                  for key, norm in NORM_OPTIONS.items()}

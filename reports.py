@@ -13,6 +13,7 @@ from utils import CLASSES, UserError
 # A finished run's metrics.json: the fields the reports read, and their types.
 METRICS_FIELDS = {"norm": str, "params": int, "seed": int, "epochs": int, "batch_size": int,
                   "eval_split": str, "train_eval_acc": Real}
+TTA = "test_acc_flip_tta"  # metrics.json: the final weights' flip-TTA accuracy
 METRICS_SERIES = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
 
 
@@ -42,37 +43,48 @@ def read_metrics(path):
     return metrics
 
 
-def predict(models, images, precisions):
-    """{name: (N, 10) softmax outputs} of each model on the uint8 images.
+def predict(models, images, precisions, flip_tta=False):
+    """{name: (N, 10) softmax outputs} of each model on the uint8 images; flip_tta:
+    averaged with the mirror images' (utils.probabilities).
 
     models: {name: model}; precisions: {name: whether in bfloat16 (amp)}. Each
     model runs in the device's training layout and its run's precision, so that
     its accuracy is the one the run measured.
     """
     layout = devices.memory_format(images.device)
-    return {name: utils.logits(model.to(images.device, memory_format=layout), images,
-                               amp=precisions[name]).softmax(1)
+    return {name: utils.probabilities(model.to(images.device, memory_format=layout), images,
+                                      amp=precisions[name], flip_tta=flip_tta)
             for name, model in models.items()}
 
 
-COMPARISON_FIGURES = ("per_class.png", "misclassified_compared.png")  # compare() writes
+# The figures compare() writes over all the models, beside each model's own
+# <name>_confusion.png and <name>_gradcam.png.
+COMPARISON_FIGURES = ("per_class.png", "misclassified_compared.png", "gradcam_compared.png")
 
 
-def compare(probabilities, images, labels, images_dir, eval_split="test"):
-    """Write, for `probabilities` ({name: softmax outputs}, see predict): each model's
-    confusion matrix (<name>_confusion.png), per_class.png and
-    misclassified_compared.png into images_dir; return the per-class table."""
+def compare(models, probabilities, images, labels, images_dir, eval_split="test"):
+    """Write, for `models` ({name: model}) and their `probabilities` ({name: softmax
+    outputs}, see predict): each model's confusion matrix (<name>_confusion.png) and
+    Grad-CAM maps of its misclassified images (<name>_gradcam.png), and the
+    COMPARISON_FIGURES, into images_dir; return the per-class table."""
     images_dir = Path(images_dir)
     predictions = {name: p.argmax(1) for name, p in probabilities.items()}
     for name, p in predictions.items():
         utils.plot_confusion(labels, p, images_dir / f"{file_name(name)}_confusion.png",
                              f"{name}: confusion matrix on the {eval_split} images")
+        utils.plot_gradcam(models[name], images, labels, probabilities[name],
+                           images_dir / f"{file_name(name)}_gradcam.png",
+                           f"{name}: where it looked in misclassified {eval_split} images "
+                           "(Grad-CAM of the predicted and of the true class)")
     accuracies = {name: utils.per_class_accuracy(labels, p) for name, p in predictions.items()}
     utils.plot_per_class(accuracies, images_dir / COMPARISON_FIGURES[0],
                          f"{eval_split} accuracy per class")
     utils.plot_misclassified_compared(
         images, labels, probabilities, images_dir / COMPARISON_FIGURES[1],
         f"{eval_split} images the models disagree on: each model's prediction and confidence")
+    utils.plot_gradcam_compared(
+        models, images, labels, probabilities, images_dir / COMPARISON_FIGURES[2],
+        "Grad-CAM of each model's own prediction")
     return per_class_table(accuracies, labels, predictions)
 
 
@@ -93,42 +105,32 @@ def file_name(name):
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def seeds_table(runs):
-    """A markdown table over several seeds of the same recipe.
+def seeds_table(runs, label="model"):
+    """A markdown table over several seeds of one recipe, a row per variant (or per
+    setting of a study). runs: {row name: [metrics of each seed]}; label: the first
+    column's heading.
 
-    `runs` maps each variant's name to its list of metrics, one per seed.
-    Final test (or validation) accuracy as mean and range; train accuracy of
-    the final weights on the un-augmented training images, as mean.
+    Final test (or validation) accuracy as mean and range, the same with flip-TTA
+    where every run recorded it (utils.probabilities), and train accuracy of the final
+    weights on the un-augmented training images, as mean.
     """
-    any_run = next(iter(runs.values()))[0]
-    split = any_run["eval_split"]
-    lines = [f"| model | params | seeds | {split} acc, mean | {split} acc, min / max "
-             f"| train acc (final weights), mean |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for norm, metrics in runs.items():
-        final = [100 * m["test_acc"][-1] for m in metrics]
-        train = [100 * m["train_eval_acc"] for m in metrics]
-        seed_list = ", ".join(str(m["seed"]) for m in metrics)
-        lines.append(f"| {norm.upper()} | {metrics[0]['params']:,} | {seed_list} "
-                     f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
-                     f"| {sum(train) / len(train):.2f}% |")
-    return "\n".join(lines) + "\n"
-
-
-def study_table(runs, label, default):
-    """A markdown table of a study (study.py): one row per setting. runs: {setting:
-    [metrics of each seed]}; label: the setting's name (B, G); default: the default
-    recipe's setting, marked."""
     split = next(iter(runs.values()))[0]["eval_split"]
-    lines = [f"| {label} | seeds | {split} acc, mean | {split} acc, min / max "
-             "| train acc (final weights), mean |", "|---|---:|---:|---:|---:|"]
-    for setting, metrics in runs.items():
-        final = [100 * m["test_acc"][-1] for m in metrics]
-        train = [100 * m["train_eval_acc"] for m in metrics]
-        name = f"{setting} (default)" if setting == default else str(setting)
-        lines.append(f"| {name} | {', '.join(str(m['seed']) for m in metrics)} "
-                     f"| {sum(final) / len(final):.2f}% | {min(final):.2f}% / {max(final):.2f}% "
-                     f"| {sum(train) / len(train):.2f}% |")
+    tta = all(TTA in m for metrics in runs.values() for m in metrics)
+    header = [label, "params", "seeds", f"{split} acc, mean", f"{split} acc, min / max",
+              *(["flip-TTA, mean", "flip-TTA, min / max"] if tta else []),
+              "train acc (final weights), mean"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+
+    def mean_and_range(values):
+        values = [100 * v for v in values]
+        return [f"{sum(values) / len(values):.2f}%", f"{min(values):.2f}% / {max(values):.2f}%"]
+
+    for name, metrics in runs.items():
+        cells = [name, f"{metrics[0]['params']:,}", ", ".join(str(m["seed"]) for m in metrics),
+                 *mean_and_range([m["test_acc"][-1] for m in metrics]),
+                 *(mean_and_range([m[TTA] for m in metrics]) if tta else []),
+                 mean_and_range([m["train_eval_acc"] for m in metrics])[0]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,15 +151,17 @@ def results_table(all_metrics):
     """A markdown table: params, final train and test accuracy per variant.
 
     Train accuracy twice: averaged over the last epoch's augmented batches,
-    and of the final weights on the un-augmented training images.
+    and of the final weights on the un-augmented training images. Test accuracy
+    twice: of the single view, the headline, and with flip-TTA (the mean of the
+    softmax of each image and of its mirror image).
     """
     split = all_metrics[0]["eval_split"]
     lines = [f"| model | params | train acc (last epoch, augmented) | train acc (final weights) "
-             f"| {split} acc | s/epoch |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| {split} acc | {split} acc, flip-TTA | s/epoch |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for m in all_metrics:
         seconds = sum(m["epoch_seconds"]) / len(m["epoch_seconds"])
         lines.append(f"| {m['norm'].upper()} | {m['params']:,} | {100 * m['train_acc'][-1]:.2f}% "
                      f"| {100 * m['train_eval_acc']:.2f}% | {100 * m['test_acc'][-1]:.2f}% "
-                     f"| {seconds:.1f} |")
+                     f"| {100 * m[TTA]:.2f}% | {seconds:.1f} |")
     return "\n".join(lines) + "\n"

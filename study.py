@@ -224,7 +224,8 @@ def write_report(args):
     study = STUDIES[args.study]
     label = "B" if args.study == "bn-batch" else "G"
     default = args.batch_size if args.study == "bn-batch" else study["default"]
-    table = reports.study_table(runs, label, default)
+    table = reports.seeds_table({f"{s} (default)" if s == default else str(s): seeds
+                                 for s, seeds in runs.items()}, label)
     # The other norms' default runs: references that do not depend on the setting.
     others = {norm.upper(): seeds for norm in ("bn", "ln", "gn") if norm != study["norm"]
               for seeds in [finished(args, norm, [default]).get(default)] if seeds}

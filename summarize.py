@@ -36,18 +36,20 @@ def seeds(folders):
         if different:
             sys.exit(f"summarize.py: error: {norm} runs with seeds {different} use another "
                      f"recipe than seed {metrics[0]['seed']}")
-        runs[norm] = metrics
+        runs[norm.upper()] = metrics
     if not runs:
         sys.exit("summarize.py: error: no <norm>/metrics.json in the folders given")
     return reports.seeds_table(runs)
 
 
 def changes(metrics, reference):
-    """The recipe entries (and seed) of `metrics` that differ from `reference`, as 'key old -> new'."""
+    """The recipe entries (and seed) of `metrics` that differ from `reference`, as 'key
+    old -> new'; a norm's own option not where the norm changed, as that says it."""
     a = {**recipe.of_run(reference), "seed": reference["seed"]}
     b = {**recipe.of_run(metrics), "seed": metrics["seed"]}
+    implied = recipe.NORM_OPTIONS if a["norm"] != b["norm"] else {}
     return [f"{key} {a.get(key)} -> {b.get(key)}" for key in sorted(a.keys() | b.keys())
-            if a.get(key) != b.get(key)]
+            if a.get(key) != b.get(key) and key not in implied]
 
 
 def read_run_list(path):

@@ -103,7 +103,8 @@ def output_files(norm, args):
             "checkpoint": run_dir / "checkpoint.pt",
             "curves": args.images_dir / f"{norm}_curves.png",
             "misclassified": args.images_dir / f"{norm}_misclassified.png",
-            "confusion": args.images_dir / f"{norm}_confusion.png"}
+            "confusion": args.images_dir / f"{norm}_confusion.png",
+            "gradcam": args.images_dir / f"{norm}_gradcam.png"}
 
 
 def report_files(args):
@@ -274,6 +275,9 @@ class Training:
         """The accuracy on the training images, then the model and metrics files."""
         _, self.metrics["train_eval_acc"], _ = utils.test(self.step_model, *data["train"],
                                                           amp=self.options["amp"])
+        images, labels = data["test"]
+        tta = utils.probabilities(self.step_model, images, amp=self.options["amp"], flip_tta=True)
+        self.metrics[reports.TTA] = (tta.argmax(1) == labels).float().mean().item()
         utils.atomic_save(self.model.state_dict(), self.files["model"])  # it names the network
         utils.atomic_write_text(json.dumps(self.metrics, indent=1) + "\n", self.files["metrics"])
 
@@ -324,6 +328,17 @@ def finished_runs(args):
     return runs
 
 
+def record_flip_tta(runs, tta_probabilities, labels, args):
+    """Add the flip-TTA accuracy to the metrics.json of runs finished before train.py
+    recorded it, from their model files (tta_probabilities: reports.predict's)."""
+    for norm, metrics in runs.items():
+        if reports.TTA not in metrics:
+            metrics[reports.TTA] = (tta_probabilities[norm.upper()].argmax(1) == labels).float().mean().item()
+            utils.atomic_write_text(json.dumps(metrics, indent=1) + "\n",
+                                    output_files(norm, args)["metrics"])
+            print(f"{output_files(norm, args)['metrics']}: added its flip-TTA accuracy")
+
+
 def write_report(args, data):
     """The figures of every variant finished in OUT_DIR (curves, misclassified images,
     confusion matrix), the figures that compare them, and results.md."""
@@ -338,8 +353,9 @@ def write_report(args, data):
         except ModelFileError as error:
             raise UserError(f"{error}; train it again with --overwrite") from None
     # The run's own precision; runs made before it was recorded: float32.
-    probabilities = reports.predict(models, images, {
-        norm.upper(): metrics.get("amp", False) for norm, metrics in runs.items()})
+    precisions = {norm.upper(): metrics.get("amp", False) for norm, metrics in runs.items()}
+    probabilities = reports.predict(models, images, precisions)
+    record_flip_tta(runs, reports.predict(models, images, precisions, flip_tta=True), labels, args)
     eval_split = next(iter(runs.values()))["eval_split"]
     for norm, metrics in runs.items():
         files = output_files(norm, args)
@@ -347,7 +363,7 @@ def write_report(args, data):
         utils.plot_misclassified(images, labels, probabilities[norm.upper()].argmax(1),
                                  files["misclassified"],
                                  f"{norm.upper()}: misclassified {eval_split} images")
-    per_class = reports.compare(probabilities, images, labels, args.images_dir, eval_split)
+    per_class = reports.compare(models, probabilities, images, labels, args.images_dir, eval_split)
     all_metrics = list(runs.values())
     utils.plot_comparison({norm.upper(): [m] for norm, m in runs.items()},
                           args.images_dir / "comparison.png", reports.recipe_title(all_metrics))
@@ -519,7 +535,7 @@ def write_seeds_report(args, runs):
             by_norm.setdefault(norm, []).append(metrics)
     if not by_norm:
         return
-    table = reports.seeds_table(by_norm)
+    table = reports.seeds_table({norm.upper(): seeds for norm, seeds in by_norm.items()})
     utils.atomic_write_text(table, args.out_dir / "seeds.md")
     all_metrics = [m for seeds in by_norm.values() for m in seeds]
     utils.plot_comparison({norm.upper(): seeds for norm, seeds in by_norm.items()},

@@ -430,6 +430,17 @@ def logits(model, images, batch_size=None, amp=False):
     return torch.cat(outputs)
 
 
+def probabilities(model, images, batch_size=None, amp=False, flip_tta=False):
+    """The model's softmax outputs for uint8 images (see logits). flip_tta: the mean of
+    the softmax of each image and of its horizontal mirror, the standard cheap
+    test-time augmentation (training flips images at random, so both views are ones
+    the model learned from)."""
+    p = logits(model, images, batch_size, amp).softmax(1)
+    if flip_tta:
+        p = (p + logits(model, images.flip(-1), batch_size, amp).softmax(1)) / 2
+    return p
+
+
 def test(model, images, labels, batch_size=None, amp=False):
     """(loss, accuracy, predictions) of the model on uint8 images (see logits)."""
     output = logits(model, images, batch_size, amp)
@@ -637,32 +648,42 @@ def _show(ax, image):
     ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
 
 
+def misclassified_indices(labels, predictions, count=10):
+    """`count` misclassified images, one per true class where possible: those of the
+    misclassified grid and of the Grad-CAM grid."""
+    wrong = (predictions != labels).nonzero().flatten().tolist()
+    return _spread_over_classes(wrong, labels)[:count]
+
+
+def disagreement_indices(labels, probabilities, count=10):
+    """`count` images that some model gets wrong and another right, one per true class
+    where possible, then ones all get wrong: where the models differ.
+    probabilities: {model name: (N, 10) softmax outputs}."""
+    right = torch.stack([p.argmax(1) == labels for p in probabilities.values()])
+    split = (right.any(0) & ~right.all(0)).nonzero().flatten().tolist()
+    all_wrong = (~right.any(0)).nonzero().flatten().tolist()
+    return (_spread_over_classes(split, labels) + all_wrong)[:count]
+
+
 def plot_misclassified(images, labels, predictions, path, title, count=10):
     """A 5x2 grid of misclassified test images, titled with true and predicted class,
     one image per true class where possible."""
-    wrong = (predictions != labels).nonzero().flatten().tolist()
     fig, axes = _image_grid(title)
-    for ax, i in zip(axes, _spread_over_classes(wrong, labels)[:count]):
+    for ax, i in zip(axes, misclassified_indices(labels, predictions, count)):
         _show(ax, images[i])
         ax.set_title(f"true: {CLASSES[labels[i]]}\npred: {CLASSES[predictions[i]]}", fontsize=10)
     save_figure(fig, path)
 
 
 def plot_misclassified_compared(images, labels, probabilities, path, title, count=10):
-    """The same test images under every model: each with its true class and every
-    model's prediction and confidence, marked right or wrong.
+    """The same test images under every model (disagreement_indices): each with its
+    true class and every model's prediction and confidence, marked right or wrong.
 
-    probabilities: {model name: (N, 10) softmax outputs}. The images shown are ones
-    that some model gets wrong and another right, one per true class where possible:
-    where the models differ.
+    probabilities: {model name: (N, 10) softmax outputs}.
     """
     predictions = {name: p.argmax(1) for name, p in probabilities.items()}
-    right = torch.stack([p == labels for p in predictions.values()])
-    split = (right.any(0) & ~right.all(0)).nonzero().flatten().tolist()
-    all_wrong = (~right.any(0)).nonzero().flatten().tolist()
-    chosen = (_spread_over_classes(split, labels) + all_wrong)[:count]
     fig, axes = _image_grid(title, height=4 + 0.5 * len(probabilities))
-    for ax, i in zip(axes, chosen):
+    for ax, i in zip(axes, disagreement_indices(labels, probabilities, count)):
         _show(ax, images[i])
         lines = [f"true: {CLASSES[labels[i]]}"]
         for name, p in probabilities.items():
@@ -670,6 +691,96 @@ def plot_misclassified_compared(images, labels, probabilities, path, title, coun
             mark = "\u2713" if guess == labels[i] else "\u2717"  # check mark, ballot x
             lines.append(f"{mark} {name}: {CLASSES[guess]} {100 * p[i, guess]:.0f}%")
         ax.set_title("\n".join(lines), fontsize=9)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# Grad-CAM: where a model looks
+# ----------------------------------------------------------------------------
+
+def grad_cam(model, images, targets):
+    """Grad-CAM maps (N, H, W) of the model for the uint8 images and target classes, at
+    the images' size, each scaled to [0, 1] by its peak (all 0 where nothing speaks
+    for the class).
+
+    captum's LayerGradCam at the input of `model.gap`, the global average pool: the
+    last feature maps (C9's output plus its skip, 8x8 here), weighted by the class
+    score's gradient and summed over the channels, negative parts cut; captum's
+    interpolation brings them to the image's size. In float32, whatever the run's
+    precision: gradients of bfloat16 maps would be coarse.
+    """
+    from captum.attr import LayerAttribution, LayerGradCam  # here only: training never pays its import
+    if not len(images):  # e.g. a model that got every image right
+        return torch.zeros(0, *images.shape[-2:], device=images.device)
+    model = model.float().eval()
+    x = normalize(images).float()
+    maps = LayerGradCam(model, model.gap).attribute(
+        x, target=torch.as_tensor(targets, device=images.device), attribute_to_layer_input=True,
+        relu_attributions=True)
+    maps = LayerAttribution.interpolate(maps, tuple(images.shape[-2:]), "bilinear")[:, 0].detach()
+    peaks = maps.flatten(1).amax(1).clamp(min=torch.finfo(maps.dtype).tiny)
+    return (maps / peaks[:, None, None]).clamp(0, 1)
+
+
+def _overlay(ax, image, heat):
+    """The image, with a Grad-CAM map over it; returns the map's artist for a colour bar."""
+    _show(ax, image)
+    return ax.imshow(heat.cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1,
+                     interpolation="bilinear")
+
+
+def _colour_bar(fig, artist, axes):
+    fig.colorbar(artist, ax=axes, shrink=0.6, label="Grad-CAM, scaled to its peak")
+
+
+def plot_gradcam(model, images, labels, probabilities, path, title, count=10):
+    """The model's misclassified images (those of plot_misclassified) as a 5x2 grid,
+    each twice: with the Grad-CAM map of its predicted class and of its true class,
+    titled with the class and the model's confidence in it."""
+    chosen = misclassified_indices(labels, probabilities.argmax(1), count)
+    predicted = probabilities[chosen].argmax(1)
+    maps = {"pred": grad_cam(model, images[chosen], predicted),
+            "true": grad_cam(model, images[chosen], labels[chosen])}
+    fig, axes = _pyplot().subplots(4, 5, figsize=(10, 9.5), layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, i in enumerate(chosen):
+        for row, (kind, target) in enumerate((("pred", predicted[k]), ("true", labels[i]))):
+            ax = axes[2 * (k // 5) + row, k % 5]
+            artist = _overlay(ax, images[i], maps[kind][k])
+            ax.set_title(f"{kind}: {CLASSES[target]} {100 * probabilities[i, target]:.0f}%",
+                         fontsize=9)
+    if chosen:
+        _colour_bar(fig, artist, axes)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_gradcam_compared(models, images, labels, probabilities, path, title, count=10):
+    """The images of plot_misclassified_compared, one row each: the image with its true
+    class, then each model's Grad-CAM map for its own prediction, titled with the
+    prediction and the confidence. models, probabilities: {model name: ...}."""
+    chosen = disagreement_indices(labels, probabilities, count)
+    maps = {name: grad_cam(model, images[chosen], probabilities[name][chosen].argmax(1))
+            for name, model in models.items()}
+    columns = 1 + len(models)
+    fig, axes = _pyplot().subplots(max(len(chosen), 1), columns, figsize=(1.9 * columns + 1.2,
+                                   1.9 * max(len(chosen), 1) + 0.8), layout="constrained",
+                                   squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, i in enumerate(chosen):
+        _show(axes[row, 0], images[i])
+        axes[row, 0].set_title(f"true: {CLASSES[labels[i]]}", fontsize=9)
+        for column, name in enumerate(models, 1):
+            guess = probabilities[name][i].argmax().item()
+            mark = "\u2713" if guess == labels[i] else "\u2717"
+            artist = _overlay(axes[row, column], images[i], maps[name][row])
+            axes[row, column].set_title(f"{mark} {name}: {CLASSES[guess]} "
+                                        f"{100 * probabilities[name][i, guess]:.0f}%", fontsize=9)
+    if chosen:
+        _colour_bar(fig, artist, axes)
+    fig.suptitle(title)
     save_figure(fig, path)
 
 

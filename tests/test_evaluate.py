@@ -32,12 +32,14 @@ def test_evaluate_reproduces_each_runs_accuracy_and_writes_the_figures(
                                 finished_runs / "gn" / "model.pt"))
     out = capsys.readouterr().out
     for norm in ("bn", "gn"):
-        recorded = json.loads((finished_runs / norm / "metrics.json").read_text())["test_acc"][-1]
+        metrics = json.loads((finished_runs / norm / "metrics.json").read_text())
+        recorded, tta = metrics["test_acc"][-1], metrics["test_acc_flip_tta"]
         line = next(line for line in out.splitlines() if line.startswith(norm.upper() + " "))
         assert f"test accuracy {100 * recorded:.2f}% (its run recorded {100 * recorded:.2f}%)" in line
+        assert f"flip-TTA {100 * tta:.2f}%" in line  # the run's own record of it, reproduced
     assert re.search(r"\| class \| BN \| GN \|", out)
-    for name in ("bn_confusion.png", "gn_confusion.png", "per_class.png",
-                 "misclassified_compared.png"):
+    for name in ("bn_confusion.png", "gn_confusion.png", "per_class.png", "bn_gradcam.png",
+                 "gn_gradcam.png", "misclassified_compared.png", "gradcam_compared.png"):
         assert (tmp_path / "evaluation" / name).stat().st_size > 0
 
 

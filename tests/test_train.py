@@ -24,7 +24,8 @@ import utils
 from conftest import BROKEN_FOLDERS, ROOT
 
 FILES = ["out/bn/metrics.json", "out/bn/model.pt", "out/bn/checkpoint.pt",
-         "out/images/bn_curves.png", "out/images/bn_misclassified.png"]
+         "out/images/bn_curves.png", "out/images/bn_misclassified.png",
+         "out/images/bn_confusion.png", "out/images/bn_gradcam.png"]
 
 
 def read_metrics(path):
@@ -706,8 +707,9 @@ def test_plots_only_redraws_figures_without_training(activation, module, run_arg
     train.main(run_args("--norm", "gn", "--blocks", "plain", "--activation", activation))
     metrics_file = tmp_path / "out/gn/metrics.json"
     metrics_before = metrics_file.read_text()
-    figures = ["gn_curves.png", "gn_misclassified.png", "gn_confusion.png", "comparison.png",
-               "per_class.png", "misclassified_compared.png"]
+    figures = ["gn_curves.png", "gn_misclassified.png", "gn_confusion.png", "gn_gradcam.png",
+               "comparison.png", "per_class.png", "misclassified_compared.png",
+               "gradcam_compared.png"]
     for name in figures:
         (tmp_path / "out/images" / name).unlink()
     capsys.readouterr()
@@ -725,6 +727,18 @@ def test_plots_only_redraws_figures_without_training(activation, module, run_arg
     for name in figures:
         assert (tmp_path / "out/images" / name).stat().st_size > 0
     assert metrics_file.read_text() == metrics_before
+
+
+def test_the_report_adds_the_flip_tta_accuracy_to_a_run_from_before_it_was_recorded(
+        run_args, tmp_path, capsys):
+    train.main(run_args("--norm", "ln"))
+    path = tmp_path / "out/ln/metrics.json"
+    metrics = json.loads(path.read_text())
+    recorded = metrics.pop("test_acc_flip_tta")  # as train.py wrote it at the run's end
+    path.write_text(json.dumps(metrics))
+    train.main(run_args("--plots-only"))
+    assert json.loads(path.read_text())["test_acc_flip_tta"] == recorded
+    assert f"| {100 * recorded:.2f}% |" in (tmp_path / "out/results.md").read_text()
 
 
 def test_plots_only_without_a_finished_run_is_one_line(run_args, capsys):
