@@ -129,7 +129,8 @@ def train_command(args, setting, seeds):
 def missing_runs(args):
     """[(setting, [seeds])] of the runs to train: one seed each on a CPU (side by side),
     a setting's seeds together on a GPU."""
-    missing = [(setting, seed) for setting in args.settings for seed in args.seeds
+    # Seed by seed: an interrupted grid has the whole curve of its first seeds.
+    missing = [(setting, seed) for seed in args.seeds for setting in args.settings
                if not metrics_path(args, setting, seed).exists()]
     if args.device == "cpu":
         return [(setting, [seed]) for setting, seed in missing]
