@@ -10,18 +10,15 @@ default recipe's point (B = the batch size, G = 4) reuses the runs in --default-
 Then it writes the study's table (OUT_DIR/<study>/results.md) and figure
 (IMAGES_DIR/<study>.png). Why and what they show: docs/norm-studies.md.
 """
-import signal
-import sys
+import startup
 
-if __name__ == "__main__":  # a stop while the modules below load: one line, no traceback
-    def _stopped_during_start_up(signum, frame):
-        print("\ninterrupted during start-up: nothing was written", file=sys.stderr)
-        sys.exit(130)
-    signal.signal(signal.SIGINT, _stopped_during_start_up)
-    signal.signal(signal.SIGTERM, _stopped_during_start_up)
+if __name__ == "__main__":  # before the imports below, which take seconds
+    startup.stop_quietly_while_starting()
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 

@@ -7,15 +7,10 @@ Outputs (see README, "Usage"): <out-dir>/<norm>/{metrics.json, model.pt,
 checkpoint.pt}, <out-dir>/results.md, and in <images-dir> each variant's curves,
 misclassified images and confusion matrix, and the figures that compare them.
 """
-import signal
-import sys
+import startup
 
-if __name__ == "__main__":  # a stop while the modules below load: one line, no traceback
-    def _stopped_during_start_up(signum, frame):
-        print("\ninterrupted during start-up: nothing was written", file=sys.stderr)
-        sys.exit(130)
-    signal.signal(signal.SIGINT, _stopped_during_start_up)
-    signal.signal(signal.SIGTERM, _stopped_during_start_up)
+if __name__ == "__main__":  # before the imports below, which take seconds
+    startup.stop_quietly_while_starting()
 
 import argparse
 import contextlib
@@ -24,6 +19,8 @@ import math
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
