@@ -164,4 +164,5 @@ def results_table(all_metrics):
         lines.append(f"| {m['norm'].upper()} | {m['params']:,} | {100 * m['train_acc'][-1]:.2f}% "
                      f"| {100 * m['train_eval_acc']:.2f}% | {100 * m['test_acc'][-1]:.2f}% "
                      f"| {100 * m[TTA]:.2f}% | {seconds:.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + ("\n\nflip-TTA: the softmax of each image and of its mirror "
+                               "image, averaged; the single view is the headline.\n")
