@@ -19,6 +19,7 @@ Two kinds of 3x3 block for C3-C9 (C1 and C2 are always plain):
   9C + C*C parameters instead of 9*C*C, so the same budget buys 2.5x the width:
   64 at 16x16, 96 at 8x8.
 """
+import contextlib
 from pathlib import Path
 
 import torch
@@ -246,6 +247,23 @@ class Net(nn.Module):
         x = self.conv7(x)
         x = x + self.conv9(self.conv8(x))  # skip: C7's output added to C9's
         return self.conv10(self.gap(x)).flatten(1)
+
+
+@contextlib.contextmanager
+def batch_statistics(model):
+    """Within it, the model's BN layers normalize with the statistics of each batch they
+    see, in evaluation mode too, instead of their running averages, which stay as they
+    were: BN's dependence on its batch at test time. (BatchNorm uses batch statistics
+    where it has no running buffers.)"""
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.running_mean, m.running_var) for m in layers]
+    for m in layers:
+        m.running_mean = m.running_var = None
+    try:
+        yield model
+    finally:
+        for m, (mean, var) in zip(layers, saved):
+            m.running_mean, m.running_var = mean, var
 
 
 def count_parameters(model):

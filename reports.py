@@ -134,6 +134,17 @@ def seeds_table(runs, label="model"):
     return "\n".join(lines) + "\n"
 
 
+def accuracy_table(accuracies, label, heading):
+    """A markdown table of accuracies over seeds: {row name: [accuracy of each seed]} as
+    mean and min / max."""
+    lines = [f"| {label} | {heading}, mean | {heading}, min / max |", "|---|---:|---:|"]
+    for name, values in accuracies.items():
+        values = [100 * v for v in values]
+        lines.append(f"| {name} | {sum(values) / len(values):.2f}% "
+                     f"| {min(values):.2f}% / {max(values):.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def per_class_table(accuracies, labels, predictions):
     """A markdown table: each class's accuracy under each model, side by side, and
     each model's overall accuracy."""

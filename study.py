@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
+import models
 import recipe
 import reports
 import utils
@@ -214,6 +215,28 @@ def check_one_recipe(args, runs):
                             "study's recipe")
 
 
+def test_batch_statistics(args):
+    """{B: [test accuracy of each default BN run's model evaluated with the statistics of
+    batches of B test images]}, for the settings of the grid; {} without the models."""
+    paths = [metrics_path(args, args.batch_size, seed).parent / "model.pt" for seed in args.seeds]
+    if not all(path.exists() for path in paths):
+        return {}
+    data = utils.load_cifar10(args.data_dir, args.cache_dir)
+    images, labels = (t.to(args.device) for t in data["test"])
+    accuracies = {}
+    for path in paths:
+        try:
+            model = models.load(path, args.device)
+        except models.ModelFileError as error:
+            raise UserError(error) from None
+        amp = reports.read_metrics(path.parent / "metrics.json").get("amp", False)
+        for b in args.settings:
+            with models.batch_statistics(model):
+                accuracies.setdefault(b, []).append(
+                    utils.test(model, images, labels, batch_size=b, amp=amp)[1])
+    return accuracies
+
+
 def write_report(args):
     runs = finished(args)
     if not runs:
@@ -227,9 +250,16 @@ def write_report(args):
     # The other norms' default runs: references that do not depend on the setting.
     others = {norm.upper(): seeds for norm in ("bn", "ln", "gn") if norm != study["norm"]
               for seeds in [finished(args, norm, [default]).get(default)] if seeds}
+    test_time = test_batch_statistics(args) if args.study == "bn-batch" else {}
+    if test_time:
+        table += ("\nBN at test time: the default runs (trained with the statistics of all "
+                  "128 images) evaluated with the statistics of each batch of B test images "
+                  "instead of their running averages:\n\n"
+                  + reports.accuracy_table(test_time, label, "test acc, batch statistics"))
     utils.atomic_write_text(table, args.out_dir / args.study / "results.md")
     cli.check_writable(args.images_dir, "--images-dir")
-    utils.plot_study(runs, others, args.study, args.images_dir / f"{args.study.replace('-', '_')}.png")
+    utils.plot_study(runs, others, args.study, args.images_dir / f"{args.study.replace('-', '_')}.png",
+                     test_time)
     print(f"\n{args.study}:\n\n{table}\nfigure: {args.images_dir / args.study.replace('-', '_')}.png")
 
 

@@ -818,12 +818,14 @@ def plot_per_class(accuracies, path, title):
     save_figure(fig, path)
 
 
-def plot_study(runs, references, study, path):
+def plot_study(runs, references, study, path, test_time=None):
     """A study's figure (study.py): test accuracy against the setting, the mean over the
     seeds with their range as error bars. runs: {setting: [metrics of each seed]};
     references: {norm name: [metrics of each seed]}, other norms' default runs, drawn
     as flat bands (bn-batch: they do not depend on B) or, for LN in gn-groups, as a
-    point beside G = 1 (LN is GN with one group, in its own recipe)."""
+    point beside G = 1 (LN is GN with one group, in its own recipe). test_time:
+    {setting: [accuracy of each seed]}, a second curve (bn-batch: the default runs
+    evaluated with the statistics of B test images)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     split = next(iter(runs.values()))[0]["eval_split"]
@@ -839,7 +841,15 @@ def plot_study(runs, references, study, path):
     norm = next(iter(runs.values()))[0]["norm"].upper()
     ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)],
                                 [hi - m for m, hi in zip(mean, high)]],
-                marker="o", capsize=4, label=f"{norm}: mean, range over seeds")
+                marker="o", capsize=4, label=f"{norm} trained with statistics of B images"
+                if study == "bn-batch" else f"{norm} with G groups")
+    if test_time:
+        t_mean, t_low, t_high = zip(*((sum(v) / len(v) * 100, min(v) * 100, max(v) * 100)
+                                      for v in test_time.values()))
+        ax.errorbar(list(test_time), t_mean, yerr=[[m - lo for m, lo in zip(t_mean, t_low)],
+                                                   [hi - m for m, hi in zip(t_mean, t_high)]],
+                    marker="v", capsize=4, color="C3", linestyle=":",
+                    label=f"{norm} of the default runs, tested with statistics of B test images")
     for k, (name, seeds) in enumerate(references.items()):
         ref_mean, ref_low, ref_high = accuracies(seeds)
         color = f"C{k + 1}"
@@ -861,7 +871,8 @@ def plot_study(runs, references, study, path):
         ax.set(xlabel="G: GroupNorm's group count")
     seeds = sorted({m["seed"] for s in runs.values() for m in s})
     ax.set(ylabel=f"{split} accuracy (%)",
-           title=f"{norm}, {split} accuracy of the final weights, seeds {', '.join(map(str, seeds))}")
+           title=f"{split} accuracy of the final weights: mean and range over seeds "
+                 f"{', '.join(map(str, seeds))}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     save_figure(fig, path)

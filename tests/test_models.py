@@ -297,3 +297,21 @@ def test_a_default_network_with_the_options_spelled_out_has_the_default_config()
     """Model files written before the options existed name the same network."""
     assert Net("gn", gn_groups=GN_GROUPS).config == Net("gn").config
     assert Net("bn", bn_batch=None).config == Net("bn").config
+
+
+def test_batch_statistics_makes_bn_use_each_batchs_own_and_keeps_the_running_ones():
+    torch.manual_seed(0)
+    model = Net("bn")
+    model.train()(torch.randn(16, 3, 32, 32))  # running statistics that are not the init's
+    model.eval()
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x = torch.randn(4, 3, 32, 32)
+    others_changed = torch.cat([x[:1], 3 * torch.randn(3, 3, 32, 32)])
+    with models.batch_statistics(model):
+        assert not torch.equal(model(x)[0], model(others_changed)[0])  # depends on the batch
+        layer = model.conv1[1]
+        features = model.conv1[0](x)
+        torch.testing.assert_close(layer(features), F.batch_norm(
+            features, None, None, layer.weight, layer.bias, training=True))
+    assert torch.equal(model(x)[0], model(others_changed)[0])  # running statistics again
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in running.items())

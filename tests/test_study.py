@@ -39,6 +39,7 @@ def test_the_grid_trains_what_is_missing_resumes_what_was_stopped_and_reports(
         assert metrics["bn_batch"] == (None if folder.startswith("default") else 4)
     table = (tmp_path / "studies/bn-batch/results.md").read_text()
     assert "| 4 | 47,898 | 0, 1 |" in table and "| 16 (default) | 47,898 | 0, 1 |" in table
+    assert "BN at test time" in table and "| 4 |" in table.split("BN at test time")[1]
     assert (tmp_path / "images/bn_batch.png").stat().st_size > 0
 
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("**/metrics.json")}
