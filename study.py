@@ -280,7 +280,7 @@ def main(argv=None):
     except UserError as error:
         cli.fail(error)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the runs keep their checkpoints; the same command resumes "
+        print("\ninterrupted: the runs keep their checkpoints; the same command resumes "
               "them", file=sys.stderr)
         sys.exit(130)
     signal.signal(signal.SIGINT, signal.default_int_handler)

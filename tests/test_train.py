@@ -1,5 +1,4 @@
 import errno
-import io
 import json
 import os
 import re
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
 import checkpoints
 import cli
 import devices
@@ -137,69 +135,6 @@ def test_cuda_graph_step_keeps_the_learning_rate_where_the_scheduler_updates_it(
     for a, b in zip(plain_model.parameters(), graphed_model.parameters()):
         torch.testing.assert_close(a, b)
     assert not torch.equal(next(graphed_model.parameters()), next(tiny_step()[1].parameters()))
-
-
-@pytest.mark.parametrize("shape", [(64, 9), (9, 64), (96, 96)])
-def test_orthogonalize_gives_the_polar_factor_roughly(shape):
-    """U V^T of the SVD U S V^T, with S's values anywhere from 0.01 to 1 of the largest:
-    all singular values come out near 1 (the quintic iteration stops short of exactly 1)."""
-    torch.manual_seed(0)
-    rank = min(shape)
-    u = torch.linalg.qr(torch.randn(shape[0], rank))[0]
-    v = torch.linalg.qr(torch.randn(shape[1], rank))[0]
-    matrix = 5 * u @ torch.diag(torch.logspace(-2, 0, rank)) @ v.T
-    result, = optimizers.orthogonalize([matrix])
-    singular_values = torch.linalg.svdvals(result)
-    assert singular_values.min() > 0.6 and singular_values.max() < 1.25
-    polar = u @ v.T
-    assert (result * polar).sum() / (result.norm() * polar.norm()) > 0.98
-
-
-def test_orthogonalize_in_one_padded_batch_gives_each_matrix_what_it_gets_alone():
-    """On CUDA all of a step's matrices go through the iteration as one batch, each
-    zero-padded to the largest shape: each must come out as from a batch of its own."""
-    torch.manual_seed(0)
-    shapes = [(16, 27), (32, 16), (64, 9), (96, 96), (64, 9), (9, 96)]
-    matrices = [torch.randn(shape) for shape in shapes]
-    together = optimizers.orthogonalize(matrices, one_batch=True)
-    for matrix, result in zip(matrices, together):
-        alone, = optimizers.orthogonalize([matrix], one_batch=False)
-        assert result.shape == matrix.shape
-        torch.testing.assert_close(result, alone, rtol=1e-4, atol=1e-5)
-
-
-def test_make_optimizer_refuses_an_unknown_name():
-    with pytest.raises(ValueError, match="sgd, muon"):
-        optimizers.make_optimizer(models.Net("bn"), "adam", lr=0.1, momentum=0.9, weight_decay=0.0,
-                             muon_lr=0.03)
-
-
-def test_muon_turns_the_normalized_filters_and_gives_the_rest_sgds_step():
-    torch.manual_seed(0)
-    model = models.Net("bn", "separable")
-    filters = model.normalized_filters()
-    assert len(filters) == 16  # C1, C2, c3, c6, and two in each of C3-C5 and C7-C9: not C10
-    assert not any(f is model.conv10.weight for f in filters)
-    twin = models.Net("bn", "separable")
-    twin.load_state_dict(model.state_dict())
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for net in (model, twin):
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-    start = [(f.detach().clone(), f.grad.clone()) for f in filters]
-    optimizers.make_optimizer(model, "muon", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
-    optimizers.make_optimizer(twin, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, muon_lr=0.03).step()
-    # A filter: scaled to norm sqrt(rows), then moved against its orthogonalized
-    # Nesterov momentum, (1 + 0.9) x the gradient in a first step, at lr 0.03.
-    for weight, (before, grad) in zip(filters, start):
-        rows = len(weight)
-        turn = optimizers.orthogonalize([1.9 * grad.reshape(rows, -1)])[0].view_as(grad)
-        torch.testing.assert_close(weight, before * rows ** 0.5 / before.norm() - 0.03 * turn)
-    # The rest (the norms' weights and biases, C10) took SGD's step.
-    rest = [(a, b) for a, b in zip(model.parameters(), twin.parameters())
-            if not any(a is f for f in filters)]
-    assert len(rest) == len(list(model.parameters())) - 16
-    for a, b in rest:
-        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("from_graph", [False, True])
@@ -561,63 +496,6 @@ def test_checkpoint_of_the_other_precision_is_refused(run_args, tmp_path, capsys
     assert "amp=False" in err
 
 
-@pytest.mark.parametrize("bf16_cpu, options, amp", [
-    (True, [], {"bn": True, "ln": True, "gn": True}),
-    (False, [], {"bn": False, "ln": False, "gn": False}),
-    (True, ["--no-amp"], {"bn": False, "ln": False, "gn": False}),
-    (False, ["--amp"], {"bn": True, "ln": True, "gn": True})])
-def test_amp_by_default_only_where_bfloat16_is_faster(monkeypatch, bf16_cpu, options, amp):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_cpu)
-    args = train.parse_args(["--device", "cpu", *options])
-    assert {norm: recipe.run_options(norm, args)["amp"] for norm in amp} == amp
-
-
-def test_amp_is_off_by_default_on_a_gpu():
-    assert not devices.use_amp(None, torch.device("cuda"))
-
-
-def test_amp_is_off_by_default_where_torch_cannot_tell(monkeypatch):
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # private: may go in a later torch
-    assert not devices.use_amp(None, torch.device("cpu"))
-
-
-@pytest.mark.parametrize("device, options, cuda_graph", [
-    ("cuda", [], True), ("cuda", ["--no-cuda-graph"], False), ("cuda", ["--compile"], False),
-    ("cpu", [], False), ("cpu", ["--no-cuda-graph"], False)])
-def test_cuda_graph_by_default_on_cuda_unless_compiled(monkeypatch, device, options, cuda_graph):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parsing only: nothing runs
-    assert train.parse_args(["--device", device, *options]).cuda_graph is cuda_graph
-
-
-def test_processor_name_is_the_cpu_model(monkeypatch):
-    cpuinfo = "processor\t: 0\nvendor_id\t: Test\nmodel name\t: Test CPU 9000\n"
-    monkeypatch.setattr(devices, "open", lambda path: io.StringIO(cpuinfo), raising=False)
-    assert devices.processor_name(torch.device("cpu")) == "Test CPU 9000"
-
-
-def test_processor_name_adds_the_first_cpus_family_and_model(monkeypatch):
-    cpu = "processor\t: {}\ncpu family\t: 26\nmodel\t\t: {}\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n"
-    cpuinfo = cpu.format(0, 2) + "\n" + cpu.format(1, 17)
-    monkeypatch.setattr(devices, "open", lambda path: io.StringIO(cpuinfo), raising=False)
-    assert devices.processor_name(torch.device("cpu")) == "AMD EPYC (family 26, model 2)"
-
-
-def test_processor_name_without_proc_cpuinfo(monkeypatch):
-    def missing(path):
-        raise FileNotFoundError(path)
-    monkeypatch.setattr(devices, "open", missing, raising=False)
-    monkeypatch.setattr(devices.platform, "processor", lambda: "")
-    assert devices.processor_name(torch.device("cpu")) == "unknown CPU"
-
-
-@pytest.mark.parametrize("threads, words", [(1, "1 thread"), (2, "2 threads")])
-def test_describe_names_processor_and_threads(monkeypatch, threads, words):
-    monkeypatch.setattr(devices, "processor_name", lambda device: "Test CPU 9000")
-    monkeypatch.setattr(devices.torch, "get_num_threads", lambda: threads)
-    assert devices.describe(torch.device("cpu")) == (
-        f"cpu (Test CPU 9000), torch {torch.__version__}, {words}")
-
-
 def test_cli_rejects_unknown_norm_without_traceback():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--norm", "xyz"],
                             capture_output=True, text=True, timeout=60)
@@ -637,47 +515,6 @@ def test_evaluation_gives_the_same_results_in_any_batch_size(norm):
     other_loss, other_accuracy, other_predictions = utils.test(model, images, labels, batch_size=7)
     assert torch.equal(predictions, other_predictions) and other_accuracy == accuracy
     assert other_loss == pytest.approx(loss, rel=1e-5)
-
-
-@pytest.mark.parametrize("options", [[], pytest.param(["--optimizer", "sgd"], id="sgd"),
-                                     pytest.param(["--device", "cuda", "--cuda-graph"],
-                                                  marks=NEEDS_CUDA, id="cuda_graph")])
-def test_bench_smoke_prints_every_pipeline_and_the_ratios(options):
-    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--synthetic", "64",
-                             "--batch-size", "16", "--batches", "2", "--rounds", "1", "--workers", "0",
-                             "--norm", "ln", "--eval-batch-sizes", "8", "5", "--at-once", "2",
-                             *options],
-                            capture_output=True, text=True,
-                            timeout=600)  # a guard against a hang, roomy for a busy machine
-    assert result.returncode == 0, result.stderr
-    graphed = "--cuda-graph" in options  # then the project's step eagerly too, like the limit
-    for row in ("| ln | project |", "| ln | limit |", "| ln | dataloader-0 |", "| ln | eval-8 |",
-                "| ln | eval-5 |", "| ln | at-once-2 |", "project/at-once-2 **",
-                "time project-eager/limit" if graphed else "time project/limit",
-                "dataloader-0/project"):
-        assert row in result.stdout
-    optimizer = "sgd" if "sgd" in options else "muon"  # the default: train.OPTIMIZER
-    summary = re.search(r"dataloader-0/project \*\*[0-9.]+\*\* "
-                        rf"\(at most dataloader-0/limit \*\*([0-9.]+)\*\*\), \w+, {optimizer} \|",
-                        result.stdout)
-    assert summary
-    # The ceiling is the limit's speed over the DataLoader's (rows rounded to whole images/s).
-    speed = {name: float(re.search(rf"\| ln \| {name} \| ([0-9,]+) \|", result.stdout)
-                         .group(1).replace(",", "")) for name in ("limit", "dataloader-0")}
-    assert float(summary.group(1)) == pytest.approx(speed["limit"] / speed["dataloader-0"],
-                                                    rel=0.01, abs=0.01)
-
-
-@pytest.mark.parametrize("options, message", [
-    (["--batches", "0"], "--batches: must be at least 1"),
-    (["--workers", "-1"], "--workers: must be at least 0"),
-    (["--compile", "--cuda-graph"], "cannot be combined"),
-    (["--synthetic", "40"], "need 48 training images, and there are 40"),  # 3 warm-up batches of 16
-    (["--data-dir", "no-such-folder"], "no CIFAR-10 data in no-such-folder"),
-])
-def test_bench_bad_input_is_one_line(tmp_path, capsys, options, message):
-    argv = ["--batch-size", "16", "--batches", "2", "--cache-dir", str(tmp_path), *options]
-    assert message in one_line_error(capsys, argv, main=bench.main)
 
 
 def test_val_split_evaluates_on_held_out_training_images(run_args, tmp_path):
@@ -743,18 +580,6 @@ def test_the_report_adds_the_flip_tta_accuracy_to_a_run_from_before_it_was_recor
 
 def test_plots_only_without_a_finished_run_is_one_line(run_args, capsys):
     assert "no finished run" in one_line_error(capsys, [*run_args(), "--plots-only"])
-
-
-def test_one_cycle_rises_to_the_peak_then_falls_to_zero():
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4, momentum=0.9)
-    scheduler = optimizers.one_cycle(optimizer, total_steps=8, warmup_fraction=0.25)
-    lrs = []
-    for _ in range(8):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs == pytest.approx([0.0, 0.2, 0.4, 0.4 * 5 / 6, 0.4 * 4 / 6, 0.4 * 3 / 6, 0.4 * 2 / 6, 0.4 / 6])
-    assert optimizer.param_groups[0]["momentum"] == 0.9  # momentum is left as given
 
 
 def test_a_run_of_a_single_step_works(run_args, tmp_path):
