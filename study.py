@@ -111,12 +111,24 @@ def metrics_path(args, setting, seed, norm=None):
         norm or STUDIES[args.study]["norm"]) / "metrics.json"
 
 
+def default_precision(args):
+    """["--amp"] or ["--no-amp"]: the precision of the default setting's finished runs, so
+    that every setting trains in it whatever the device's default (bfloat16 on this
+    project's CPUs, float32 on GPUs); [] where none is finished."""
+    default = args.batch_size if args.study == "bn-batch" else STUDIES[args.study]["default"]
+    for seed in args.seeds:
+        if (path := metrics_path(args, default, seed)).exists():
+            return ["--amp" if reports.read_metrics(path).get("amp") else "--no-amp"]
+    return []
+
+
 def train_command(args, setting, seeds):
     """train.py's command line for the runs of `setting` with `seeds`."""
     study = STUDIES[args.study]
     folder = run_folder(args, setting)
     return [sys.executable, str(ROOT / "train.py"), "--norm", study["norm"],
             *([] if is_default(args, setting) else [study["option"], str(setting)]),
+            *default_precision(args),
             "--seeds", *map(str, seeds), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir),
             "--cache-dir", str(args.cache_dir), "--out-dir", str(folder),

@@ -72,3 +72,18 @@ def test_a_failing_run_ends_the_study_with_its_log_named(study_args, tmp_path, c
     (tmp_path / "studies/bn-batch/4/bn").write_text("a file where the run's folder goes")
     err = one_line_error(capsys, study_args("--settings", "4", "--seeds", "0"), study.main)
     assert "failed (exit code 2)" in err and "4-seed0.log" in err
+
+
+@pytest.mark.parametrize("amp, option", [(True, "--amp"), (False, "--no-amp")])
+def test_every_setting_trains_in_the_precision_of_the_default_runs(study_args, tmp_path, amp,
+                                                                   option):
+    """The default runs' precision, not the device's default: a GPU trains in float32 by
+    default, the committed CPU runs in bfloat16, and the study could not mix them."""
+    path = tmp_path / "default/bn/metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"amp": amp, "norm": "bn", "params": 1, "seed": 0, "epochs": 1,
+                                "batch_size": 16, "eval_split": "test", "train_eval_acc": 0.5,
+                                **{k: [0.5] for k in ("train_loss", "train_acc", "test_loss",
+                                                      "test_acc", "epoch_seconds")}}))
+    args = study.parse_args(study_args())
+    assert option in study.train_command(args, 4, [0])
