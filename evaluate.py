@@ -4,10 +4,12 @@
 
 Each argument is a run folder (holding model.pt) or a model file. Prints each model's
 test accuracy (and the accuracy its run recorded, where its metrics.json is beside
-it) and a table of accuracy per class; writes into --images-dir each model's
-confusion matrix (<name>_confusion.png), per_class.png, and
-misclassified_compared.png: test images the models disagree on, with every model's
-prediction and confidence.
+it), its flip-TTA accuracy (the softmax of each image and of its mirror image,
+averaged) and a table of accuracy per class; writes into --images-dir, replacing files
+of the same names, each model's confusion matrix (<name>_confusion.png) and Grad-CAM
+maps of its misclassified images (<name>_gradcam.png), per_class.png,
+misclassified_compared.png (test images the models disagree on, with every model's
+prediction and confidence) and gradcam_compared.png (where each model looked there).
 """
 import argparse
 from pathlib import Path

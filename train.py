@@ -5,7 +5,7 @@
 
 Outputs (see README, "Usage"): <out-dir>/<norm>/{metrics.json, model.pt,
 checkpoint.pt}, <out-dir>/results.md, and in <images-dir> each variant's curves,
-misclassified images and confusion matrix, and the figures that compare them.
+misclassified images, confusion matrix and Grad-CAM maps, and the figures that compare them.
 """
 import startup
 
@@ -176,6 +176,7 @@ def restore(checkpoint, run, model, optimizer, scheduler, generator, path):
 def machine(device):
     """What a run ran on, for its metrics: timings depend on it."""
     return {"device": str(device), "processor": devices.processor_name(device),
+            # a str: torch's own version class is no type weights_only loading accepts
             "torch": str(torch.__version__), "threads": torch.get_num_threads()}
 
 
