@@ -229,12 +229,16 @@ def check_one_recipe(args, runs):
 
 def test_batch_statistics(args):
     """{B: [test accuracy of each default BN run's model evaluated with the statistics of
-    batches of B test images]}, for the settings of the grid; {} without the models."""
+    batches of B test images, drawn at random]}, for the settings of the grid; {} without
+    the models."""
     paths = [metrics_path(args, args.batch_size, seed).parent / "model.pt" for seed in args.seeds]
     if not all(path.exists() for path in paths):
         return {}
     data = utils.load_cifar10(args.data_dir, args.cache_dir)
-    images, labels = (t.to(args.device) for t in data["test"])
+    # In a fixed random order: an image folder lists the test images class by class, and
+    # batches of one class would make their statistics a hint of it.
+    order = torch.randperm(len(data["test"][1]), generator=torch.Generator().manual_seed(0))
+    images, labels = (t[order].to(args.device) for t in data["test"])
     accuracies = {}
     for path in paths:
         try:

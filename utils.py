@@ -869,10 +869,11 @@ def plot_study(runs, references, study, path, test_time=None):
     else:
         ax.set_xticks(xs, ["per\nchannel" if s == "channel" else str(s) for s in settings])
         ax.set(xlabel="G: GroupNorm's group count")
-    seeds = sorted({m["seed"] for s in runs.values() for m in s})
+    counts = sorted({len(seeds) for seeds in runs.values()})
     ax.set(ylabel=f"{split} accuracy (%)",
-           title=f"{split} accuracy of the final weights: mean and range over seeds "
-                 f"{', '.join(map(str, seeds))}")
+           title=f"{split} accuracy of the final weights: mean and range over "
+                 f"{'-'.join(map(str, (counts[0], counts[-1]) if len(counts) > 1 else counts))} "
+                 "seeds a point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     save_figure(fig, path)
