@@ -120,11 +120,6 @@ def seeds_table(runs, label="model"):
               *(["flip-TTA, mean", "flip-TTA, min / max"] if tta else []),
               "train acc (final weights), mean"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-
-    def mean_and_range(values):
-        values = [100 * v for v in values]
-        return [f"{sum(values) / len(values):.2f}%", f"{min(values):.2f}% / {max(values):.2f}%"]
-
     for name, metrics in runs.items():
         cells = [name, f"{metrics[0]['params']:,}", ", ".join(str(m["seed"]) for m in metrics),
                  *mean_and_range([m["test_acc"][-1] for m in metrics]),
@@ -139,10 +134,14 @@ def accuracy_table(accuracies, label, heading):
     mean and min / max."""
     lines = [f"| {label} | {heading}, mean | {heading}, min / max |", "|---|---:|---:|"]
     for name, values in accuracies.items():
-        values = [100 * v for v in values]
-        lines.append(f"| {name} | {sum(values) / len(values):.2f}% "
-                     f"| {min(values):.2f}% / {max(values):.2f}% |")
+        lines.append("| " + " | ".join([str(name), *mean_and_range(values)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def mean_and_range(values):
+    """Accuracies (fractions) as ['mean%', 'min% / max%']."""
+    values = [100 * v for v in values]
+    return [f"{sum(values) / len(values):.2f}%", f"{min(values):.2f}% / {max(values):.2f}%"]
 
 
 def per_class_table(accuracies, labels, predictions):

@@ -36,13 +36,13 @@ from utils import UserError
 
 ROOT = Path(__file__).resolve().parent
 
-# Each study: the norm it varies, train.py's option, the grid (Wu & He's range, as far
-# as this network's widths and batch allow) and the default recipe's setting.
+# Each study: the norm it varies, train.py's option and the grid (Wu & He's range, as
+# far as this network's widths and batch allow); its default setting: default_setting.
 STUDIES = {
     "bn-batch": {"norm": "bn", "option": "--bn-batch", "key": "bn_batch",
-                 "grid": (2, 4, 8, 16, 32, 64, 128), "default": recipe.BATCH_SIZE},
+                 "grid": (2, 4, 8, 16, 32, 64, 128)},
     "gn-groups": {"norm": "gn", "option": "--gn-groups", "key": "gn_groups",
-                  "grid": (1, 2, 4, 8, 16, PER_CHANNEL), "default": GN_GROUPS},
+                  "grid": (1, 2, 4, 8, 16, PER_CHANNEL)},
 }
 SEEDS = (0, 1, 2)
 
@@ -68,14 +68,14 @@ def parse_args(argv=None):
                              "seedN/), whose runs are the default setting's (default: %(default)s)")
     parser.add_argument("--images-dir", type=Path, default=Path("images"),
                         help="where the study's figure goes (default: %(default)s)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (default: %(default)s)")
+    cli.add_device_options(parser, training=False)
     parser.add_argument("--jobs", type=cli.positive_int,
                         help="runs at the same time on a CPU, one thread each (default: one "
                              "per core)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the table and figure of the finished runs")
     args = parser.parse_args(argv)
+    cli.resolve_device(parser, args)
     study = STUDIES[args.study]
     grid = [str(s) for s in study["grid"]]
     if args.settings and (unknown := [s for s in args.settings if s not in grid]):
@@ -86,7 +86,7 @@ def parse_args(argv=None):
         parser.error(f"--bn-batch {', '.join(map(str, bad))} does not divide --batch-size "
                      f"{args.batch_size}; choose --settings that do")
     args.seeds = list(dict.fromkeys(args.seeds))
-    args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
+    args.jobs = args.jobs or (os.cpu_count() or 1 if args.device.type == "cpu" else 1)
     return args
 
 
@@ -94,9 +94,13 @@ def parse_args(argv=None):
 # The grid's runs
 # ----------------------------------------------------------------------------
 
+def default_setting(args):
+    """The setting of the default recipe: B = the batch size, G = GN_GROUPS."""
+    return args.batch_size if args.study == "bn-batch" else GN_GROUPS
+
+
 def is_default(args, setting):
-    return setting == (args.batch_size if args.study == "bn-batch"
-                       else STUDIES[args.study]["default"])
+    return setting == default_setting(args)
 
 
 def run_folder(args, setting):
@@ -115,9 +119,8 @@ def default_precision(args):
     """["--amp"] or ["--no-amp"]: the precision of the default setting's finished runs, so
     that every setting trains in it whatever the device's default (bfloat16 on this
     project's CPUs, float32 on GPUs); [] where none is finished."""
-    default = args.batch_size if args.study == "bn-batch" else STUDIES[args.study]["default"]
     for seed in args.seeds:
-        if (path := metrics_path(args, default, seed)).exists():
+        if (path := metrics_path(args, default_setting(args), seed)).exists():
             return ["--amp" if reports.read_metrics(path).get("amp") else "--no-amp"]
     return []
 
@@ -132,8 +135,8 @@ def train_command(args, setting, seeds):
             "--seeds", *map(str, seeds), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir),
             "--cache-dir", str(args.cache_dir), "--out-dir", str(folder),
-            "--images-dir", str(folder / "images"), "--device", args.device,
-            *(["--threads", "1"] if args.device == "cpu" else []), "--resume"]
+            "--images-dir", str(folder / "images"), "--device", str(args.device),
+            *(["--threads", "1"] if args.device.type == "cpu" else []), "--resume"]
 
 
 def missing_runs(args):
@@ -142,7 +145,7 @@ def missing_runs(args):
     # Seed by seed: an interrupted grid has the whole curve of its first seeds.
     missing = [(setting, seed) for seed in args.seeds for setting in args.settings
                if not metrics_path(args, setting, seed).exists()]
-    if args.device == "cpu":
+    if args.device.type == "cpu":
         return [(setting, [seed]) for setting, seed in missing]
     by_setting = {}
     for setting, seed in missing:
@@ -260,7 +263,7 @@ def write_report(args):
     check_one_recipe(args, runs)
     study = STUDIES[args.study]
     label = "B" if args.study == "bn-batch" else "G"
-    default = args.batch_size if args.study == "bn-batch" else study["default"]
+    default = default_setting(args)
     table = reports.seeds_table({f"{s} (default)" if s == default else str(s): seeds
                                  for s, seeds in runs.items()}, label)
     # The other norms' default runs: references that do not depend on the setting.
@@ -290,7 +293,7 @@ def main(argv=None):
             if jobs:
                 runs = sum(len(seeds) for _, seeds in jobs)
                 print(f"{args.study}: {runs} run(s) to train, {args.jobs} at a time"
-                      + (", one thread each" if args.device == "cpu" else ""))
+                      + (", one thread each" if args.device.type == "cpu" else ""))
                 train_grid(args, jobs)
             write_report(args)
     except UserError as error:

@@ -12,18 +12,8 @@
 #                                                   -C ../shared/data cifar10-jpg  (20 MB)
 # The call: run(command="bash results/speed/seeds-gpu/run.sh", carry=[".whl", ".data"],
 #               timeout_s=600)
-set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out" /tmp/data
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
-tar -xzf .data/cifar10-jpg.tar.gz -C /tmp/data
-export PYTHONUNBUFFERED=1
-data=(--data-dir /tmp/data/cifar10-jpg --cache-dir /tmp/cache)
-{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; nproc; } > "$out/machine.txt" 2>&1
-
-# The cache, decoded once: both timed runs start from it, as a user's second run does.
-python3 -c "import sys, utils; utils.load_cifar10(sys.argv[1], sys.argv[2])" /tmp/data/cifar10-jpg /tmp/cache
+# The cache is decoded once there: both timed runs start from it, as a user's second run does.
+source results/gpu-setup.sh
 
 timed() {  # timed LOG LIMIT COMMAND...: wall seconds into LOG's last line
   local log=$1 limit=$2; shift 2

@@ -13,18 +13,9 @@
 #                                                   -C ../shared/data cifar10-jpg
 # The call: run(command="bash results/studies/gpu/run.sh", carry=[".whl", ".data"],
 #               timeout_s=600)
-set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out" /tmp/data
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
-tar -xzf .data/cifar10-jpg.tar.gz -C /tmp/data
-export PYTHONUNBUFFERED=1
-{ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__)"; nproc; } > "$out/machine.txt" 2>&1
-python3 -c "import sys, utils; utils.load_cifar10(sys.argv[1], sys.argv[2])" /tmp/data/cifar10-jpg /tmp/cache
+source results/gpu-setup.sh
 for study in gn-groups bn-batch; do
-  timeout 270 python3 study.py $study --data-dir /tmp/data/cifar10-jpg --cache-dir /tmp/cache \
-      --images-dir /tmp/figures > "$out/$study.log" 2>&1
+  timeout 270 python3 study.py $study "${data[@]}" --images-dir /tmp/figures > "$out/$study.log" 2>&1
   echo "exit $?" >> "$out/$study.log"
 done
 tar -czf "$out/studies.tar.gz" --exclude='*.pt' --exclude='images' --exclude='.lock' results/studies
