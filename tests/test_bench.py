@@ -6,8 +6,7 @@ import sys
 import pytest
 
 import bench
-from conftest import ROOT
-from test_train import NEEDS_CUDA, one_line_error
+from conftest import NEEDS_CUDA, ROOT, one_line_error
 
 
 @pytest.mark.parametrize("options", [[], pytest.param(["--optimizer", "sgd"], id="sgd"),

@@ -8,8 +8,7 @@ import evaluate
 import models
 import train
 import utils
-from conftest import ROOT
-from test_train import one_line_error
+from conftest import ROOT, one_line_error
 
 
 @pytest.fixture

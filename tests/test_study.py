@@ -4,8 +4,7 @@ import json
 import pytest
 
 import study
-from test_train import one_line_error
-from test_train_faults import stop_after_the_first_epoch
+from conftest import one_line_error, stop_after_the_first_epoch
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ import evaluate
 import models
 import train
 import utils
-from conftest import ROOT, write_image_folder
-from test_train import one_line_error
+from conftest import ROOT, one_line_error, stop_after_the_first_epoch, write_image_folder
 
 
 class RunsCode:
@@ -42,21 +41,6 @@ def write_with_digest(obj, path):
     data = buffer.getvalue()
     Path(path).write_bytes(utils.DIGEST_HEADER + hashlib.sha256(data).hexdigest().encode()
                            + b"\n" + data)
-
-
-def stop_after_the_first_epoch(argv, monkeypatch):
-    """train.main(argv), interrupted as a Ctrl-C would after its first epoch."""
-    real_train, calls = utils.train, []
-
-    def interrupted_in_the_second(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_train(*args, **kwargs)
-    monkeypatch.setattr(utils, "train", interrupted_in_the_second)
-    with pytest.raises(SystemExit):
-        train.main(argv)
-    monkeypatch.undo()
 
 
 @pytest.fixture
