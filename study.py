@@ -272,8 +272,8 @@ def write_report(args):
     test_time = test_batch_statistics(args) if args.study == "bn-batch" else {}
     if test_time:
         table += ("\nBN at test time: the default runs (trained with the statistics of all "
-                  "128 images) evaluated with the statistics of each batch of B test images "
-                  "instead of their running averages:\n\n"
+                  f"{args.batch_size} images) evaluated with the statistics of each batch of B "
+                  "test images instead of their running averages:\n\n"
                   + reports.accuracy_table(test_time, label, "test acc, batch statistics"))
     utils.atomic_write_text(table, args.out_dir / args.study / "results.md")
     cli.check_writable(args.images_dir, "--images-dir")
