@@ -292,7 +292,8 @@ def main(argv=None):
             jobs = [] if args.report_only else missing_runs(args)
             if jobs:
                 runs = sum(len(seeds) for _, seeds in jobs)
-                print(f"{args.study}: {runs} run(s) to train, {args.jobs} at a time"
+                print(f"{args.study}: {runs} run(s) to train, "
+                      f"{min(args.jobs, len(jobs))} at a time"
                       + (", one thread each" if args.device.type == "cpu" else ""))
                 train_grid(args, jobs)
             write_report(args)
