@@ -234,7 +234,8 @@ def test_batch_statistics(args):
     """{B: [test accuracy of each default BN run's model evaluated with the statistics of
     batches of B test images, drawn at random]}, for the settings of the grid; {} without
     the models."""
-    paths = [metrics_path(args, args.batch_size, seed).parent / "model.pt" for seed in args.seeds]
+    paths = [metrics_path(args, default_setting(args), seed).parent / "model.pt"
+             for seed in args.seeds]
     if not all(path.exists() for path in paths):
         return {}
     data = utils.load_cifar10(args.data_dir, args.cache_dir)
