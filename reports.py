@@ -140,8 +140,8 @@ def accuracy_table(accuracies, label, heading):
 
 def mean_and_range(values):
     """Accuracies (fractions) as ['mean%', 'min% / max%']."""
-    values = [100 * v for v in values]
-    return [f"{sum(values) / len(values):.2f}%", f"{min(values):.2f}% / {max(values):.2f}%"]
+    mean, low, high = utils.mean_min_max(values)
+    return [f"{mean:.2f}%", f"{low:.2f}% / {high:.2f}%"]
 
 
 def per_class_table(accuracies, labels, predictions):

@@ -818,6 +818,12 @@ def plot_per_class(accuracies, path, title):
     save_figure(fig, path)
 
 
+def mean_min_max(accuracies):
+    """The mean, min and max of accuracies (fractions), in percent."""
+    values = [100 * a for a in accuracies]
+    return sum(values) / len(values), min(values), max(values)
+
+
 def plot_study(runs, references, study, path, test_time=None):
     """A study's figure (study.py): test accuracy against the setting, the mean over the
     seeds with their range as error bars. runs: {setting: [metrics of each seed]};
@@ -831,32 +837,30 @@ def plot_study(runs, references, study, path, test_time=None):
     split = next(iter(runs.values()))[0]["eval_split"]
 
     def accuracies(seeds):
-        values = [100 * m["test_acc"][-1] for m in seeds]
-        return sum(values) / len(values), min(values), max(values)
+        return mean_min_max([m["test_acc"][-1] for m in seeds])
+
+    def draw(xs, stats, **style):
+        mean, low, high = zip(*stats)
+        ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)],
+                                    [hi - m for m, hi in zip(mean, high)]], capsize=4, **style)
 
     settings = list(runs)
     # bn-batch: B on a log-2 axis; gn-groups: the group counts in order, "channel" last.
     xs = settings if study == "bn-batch" else list(range(len(settings)))
-    mean, low, high = zip(*(accuracies(runs[s]) for s in settings))
     norm = next(iter(runs.values()))[0]["norm"].upper()
-    ax.errorbar(xs, mean, yerr=[[m - lo for m, lo in zip(mean, low)],
-                                [hi - m for m, hi in zip(mean, high)]],
-                marker="o", capsize=4, label=f"{norm} trained with statistics of B images"
-                if study == "bn-batch" else f"{norm} with G groups")
+    draw(xs, [accuracies(runs[s]) for s in settings], marker="o",
+         label=f"{norm} trained with statistics of B images" if study == "bn-batch"
+         else f"{norm} with G groups")
     if test_time:
-        t_mean, t_low, t_high = zip(*((sum(v) / len(v) * 100, min(v) * 100, max(v) * 100)
-                                      for v in test_time.values()))
-        ax.errorbar(list(test_time), t_mean, yerr=[[m - lo for m, lo in zip(t_mean, t_low)],
-                                                   [hi - m for m, hi in zip(t_mean, t_high)]],
-                    marker="v", capsize=4, color="C3", linestyle=":",
-                    label=f"{norm} of the default runs, tested with statistics of B test images")
+        draw(list(test_time), [mean_min_max(v) for v in test_time.values()], marker="v",
+             color="C3", linestyle=":",
+             label=f"{norm} of the default runs, tested with statistics of B test images")
     for k, (name, seeds) in enumerate(references.items()):
         ref_mean, ref_low, ref_high = accuracies(seeds)
         color = f"C{k + 1}"
         if study == "gn-groups" and name == "LN":
-            ax.errorbar([-0.15], [ref_mean], yerr=[[ref_mean - ref_low], [ref_high - ref_mean]],
-                        marker="s", capsize=4, color=color, linestyle="none",
-                        label="LN, its own recipe (GN with 1 group)")
+            draw([-0.15], [(ref_mean, ref_low, ref_high)], marker="s", color=color,
+                 linestyle="none", label="LN, its own recipe (GN with 1 group)")
             continue
         ax.axhspan(ref_low, ref_high, color=color, alpha=0.15, linewidth=0)
         ax.axhline(ref_mean, color=color, linestyle="--",
