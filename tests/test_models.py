@@ -238,9 +238,19 @@ def test_a_statistics_batch_of_the_whole_batch_is_batchnorm_bit_for_bit():
 def test_a_smaller_statistics_batch_normalizes_each_group_as_batchnorm_would_alone():
     x = torch.randn(20, 8, 5, 5)  # groups of 8, 8 and a last one of 4
     ghost = models.GhostBatchNorm2d(8, 8)
-    out, grad, _, _ = bn_output_and_gradients(ghost, x)
-    alone = [bn_output_and_gradients(nn.BatchNorm2d(8), group) for group in x.split(8)]
+    out, grad, grad_weight, grad_bias = bn_output_and_gradients(ghost, x)
+    # Each group alone, with the part of the loss weights that falls on it.
+    weights = torch.linspace(-1, 1, x.numel()).view_as(x).split(8)
+    alone = []
+    for group, weight in zip(x.split(8), weights):
+        layer, group = nn.BatchNorm2d(8).train(), group.clone().requires_grad_()
+        group_out = layer(group)
+        (group_out * weight).sum().backward()
+        alone.append((group_out, group.grad, layer.weight.grad, layer.bias.grad))
     torch.testing.assert_close(out, torch.cat([a[0] for a in alone]))
+    torch.testing.assert_close(grad, torch.cat([a[1] for a in alone]))
+    torch.testing.assert_close(grad_weight, sum(a[2] for a in alone))
+    torch.testing.assert_close(grad_bias, sum(a[3] for a in alone))
     plain = [nn.BatchNorm2d(8).train() for _ in range(3)]
     for layer, group in zip(plain, x.split(8)):
         layer(group)
