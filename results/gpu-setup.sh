@@ -1,4 +1,4 @@
-# Sourced by the GPU scripts (results/speed/seeds-gpu/run.sh, results/studies/gpu/run.sh) on
+# Sourced by the GPU script (results/speed/seeds-gpu/run.sh) on
 # a lent GPU machine: installs the carried torchsummary wheel, unpacks the carried data,
 # writes $out/machine.txt and decodes the data into the cache once. Sets out and data.
 set -uo pipefail
