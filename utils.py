@@ -856,12 +856,12 @@ def plot_study(runs, references, study, path, test_time=None):
              color="C3", linestyle=":",
              label=f"{norm} of the default runs, tested with statistics of B test images")
     for k, (name, seeds) in enumerate(references.items()):
-        ref_mean, ref_low, ref_high = accuracies(seeds)
         color = f"C{k + 1}"
         if study == "gn-groups" and name == "LN":
-            draw([-0.15], [(ref_mean, ref_low, ref_high)], marker="s", color=color,
+            draw([-0.15], [accuracies(seeds)], marker="s", color=color,
                  linestyle="none", label="LN, its own recipe (GN with 1 group)")
             continue
+        ref_mean, ref_low, ref_high = accuracies(seeds)
         ax.axhspan(ref_low, ref_high, color=color, alpha=0.15, linewidth=0)
         ax.axhline(ref_mean, color=color, linestyle="--",
                    label=f"{name} (default, independent of {'B' if study == 'bn-batch' else 'G'})")

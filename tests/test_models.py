@@ -215,10 +215,14 @@ def test_committed_models_have_the_names_and_shapes_of_net_of_their_norm(run, no
 # What each norm averages over: BN's statistics batch, GN's group count (issue 37)
 # ----------------------------------------------------------------------------
 
-def bn_output_and_gradients(layer, x):
+def bn_output_and_gradients(layer, x, loss_weights=None):
+    """The layer's training output on x and the gradients of a loss weighting each output
+    element (by default, evenly from -1 to 1 over the elements)."""
+    if loss_weights is None:
+        loss_weights = torch.linspace(-1, 1, x.numel()).view_as(x)
     x = x.clone().requires_grad_()
     out = layer.train()(x)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * loss_weights).sum().backward()
     return out, x.grad, layer.weight.grad, layer.bias.grad
 
 
@@ -241,12 +245,8 @@ def test_a_smaller_statistics_batch_normalizes_each_group_as_batchnorm_would_alo
     out, grad, grad_weight, grad_bias = bn_output_and_gradients(ghost, x)
     # Each group alone, with the part of the loss weights that falls on it.
     weights = torch.linspace(-1, 1, x.numel()).view_as(x).split(8)
-    alone = []
-    for group, weight in zip(x.split(8), weights):
-        layer, group = nn.BatchNorm2d(8).train(), group.clone().requires_grad_()
-        group_out = layer(group)
-        (group_out * weight).sum().backward()
-        alone.append((group_out, group.grad, layer.weight.grad, layer.bias.grad))
+    alone = [bn_output_and_gradients(nn.BatchNorm2d(8), group, weight)
+             for group, weight in zip(x.split(8), weights)]
     torch.testing.assert_close(out, torch.cat([a[0] for a in alone]))
     torch.testing.assert_close(grad, torch.cat([a[1] for a in alone]))
     torch.testing.assert_close(grad_weight, sum(a[2] for a in alone))
