@@ -14,6 +14,9 @@ optimizer, loss, augmentation and precision) fed three ways:
                 the limit rows are, so that project-eager/limit compares like with like
   at-once-N     N runs of the project's step trained at the same time (utils.train, as
                 train.py trains --seeds and --norm all on a GPU): images/s over all N
+  bn-batch-B    with --bn-batches (BN only): the project's step with BN's statistics over
+                groups of B images (train.py --bn-batch B), so that its "time vs project"
+                is the cost of ghost batches against plain BN, measured in the same rounds
   eval-B        no training: utils.test (inference mode) on as many images, in batches of B
 and prints images/second, seconds per 50k-image epoch and the time ratios
 project/limit (the data pipeline's overhead), dataloader/project (the speed-up
@@ -95,9 +98,9 @@ def bench_norm(norm, data, args, device):
     bs = args.batch_size
     run = recipe.run_options(norm, args)
 
-    def make_step(memory_format, n_batches=1, cuda_graph=args.cuda_graph, seed=0):
-        """A fresh model in `memory_format`, its optimizer at the peak learning rate
-        and its TrainStep on the first n_batches batches."""
+    def make_step(memory_format, n_batches=1, cuda_graph=args.cuda_graph, seed=0, run=run):
+        """A fresh model of `run` in `memory_format`, its optimizer at the peak learning
+        rate and its TrainStep on the first n_batches batches."""
         torch.manual_seed(seed)
         model = recipe.make_model(run).to(device, memory_format=memory_format)
         optimizer = recipe.make_optimizer(run, model)
@@ -113,14 +116,14 @@ def bench_norm(norm, data, args, device):
     step = make_step(layout)
     y = device_labels[:bs]
 
-    def project(runs=1, cuda_graph=args.cuda_graph):
-        """`runs` runs of the project's step, trained at the same time."""
+    def project(runs=1, cuda_graph=args.cuda_graph, run=run):
+        """`runs` runs of the project's step of `run`, trained at the same time."""
         made = {}  # batch count -> the runs' steps and constant schedules, kept: a CUDA
         #            graph is captured once
 
         def train_on(n):
             if n not in made:
-                steps = [make_step(layout, n, cuda_graph, seed) for seed in range(runs)]
+                steps = [make_step(layout, n, cuda_graph, seed, run) for seed in range(runs)]
                 made[n] = steps, [torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda _: 1.0)
                                   for s in steps]
             utils.train(*made[n], bs)
@@ -149,6 +152,8 @@ def bench_norm(norm, data, args, device):
     batch_images = {}  # images per batch over all runs, where not batch_size
     for runs in args.at_once:
         pipelines[f"at-once-{runs}"], batch_images[f"at-once-{runs}"] = project(runs), runs * bs
+    for bn_batch in args.bn_batches:
+        pipelines[f"bn-batch-{bn_batch}"] = project(run=run | {"bn_batch": bn_batch})
     for workers in args.workers:
         batches = endless(conventional_loader(images, labels, bs, workers))
         pipelines[f"dataloader-{workers}"] = conventional(batches)
@@ -186,6 +191,9 @@ def parse_args(argv=None):
                         help="DataLoader worker counts to try (default: 0 1 2)")
     parser.add_argument("--eval-batch-sizes", type=positive_int, nargs="+", default=[1000, 250],
                         help="evaluation batch sizes to time (default: 1000 250)")
+    parser.add_argument("--bn-batches", type=positive_int, nargs="+", default=[], metavar="B",
+                        help="BN only: also time the step with --bn-batch B for each B, "
+                             "against plain BN in the same rounds (default: none)")
     cli.add_data_options(parser)
     parser.add_argument("--synthetic", type=positive_int, metavar="N",
                         help="use N random images instead of CIFAR-10 (smoke test)")
@@ -193,6 +201,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     cli.resolve_device(parser, args)
     cli.check_norm_options(parser, args, NORMS if args.norm == "all" else [args.norm])
+    if args.bn_batches and (args.norm != "bn" or args.bn_batch):
+        parser.error("--bn-batches times BatchNorm's ghost batches against plain BN: "
+                     "use it with --norm bn and without --bn-batch")
+    for bn_batch in args.bn_batches:
+        if args.batch_size % bn_batch:
+            parser.error(f"--bn-batches: {bn_batch} does not divide --batch-size {args.batch_size}")
     return args
 
 

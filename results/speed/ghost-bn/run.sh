@@ -1,28 +1,42 @@
 #!/bin/bash
-# The training step of BN with ghost batches (--bn-batch B) against plain BN (B = the batch
-# of 128), one process each, on 2 threads and on 1 (as study.py trains on a CPU): bench.py's
-# project row is train.py's step. Run from the repository root.
+# The training step of BN with ghost batches (train.py --bn-batch B) against plain BN
+# (B = the batch of 128), on 2 threads and on 1 (as study.py trains on a CPU): bench.py's
+# bn-batch-B rows against its project row, train.py's step, timed in the same rounds of one
+# process. This CPU's speed drifts from minute to minute, and more for the many small calls
+# of small B on 2 threads (one process per B, as in commit a275e97, read B = 4 at 1.16x there
+# and at 1.36x in a rerun), so bench.py runs 3 times and the table takes the medians.
+# Run from the repository root.
 set -euo pipefail
 here=results/speed/ghost-bn
-for threads in 2 1; do
-  for b in 128 2 4 8 32; do
-    python bench.py --norm bn --bn-batch $b --workers 0 --at-once 1 --eval-batch-sizes 1000 \
-      --batches 20 --rounds 3 --threads $threads --data-dir ../shared/data/cifar10-jpg \
-      > $here/bench-b$b-threads$threads.txt 2>&1
+for run in 1 2 3; do
+  for threads in 2 1; do
+    python bench.py --norm bn --bn-batches 2 4 8 32 --workers 0 --at-once 1 \
+      --eval-batch-sizes 1000 --batches 30 --rounds 5 --threads $threads \
+      --data-dir ../shared/data/cifar10-jpg > $here/bench-threads$threads-run$run.txt 2>&1
   done
 done
-# results.md, the table docs/norm-studies.md shows: each B's training step against B = 128's.
-{
-  head -n 1 $here/bench-b128-threads1.txt | cut -d, -f1-3
-  echo
-  echo "| threads | B | images/s | step time vs B = 128 |"
-  echo "|---:|---:|---:|---:|"
-  for threads in 1 2; do
-    rate() { grep "| bn | project |" $here/bench-b$1-threads$threads.txt | cut -d'|' -f4 | tr -d ' ,'; }
-    for b in 2 4 8 32 128; do
-      awk -v t=$threads -v b=$b -v r=$(rate $b) -v base=$(rate 128) \
-        'BEGIN { printf "| %d | %d | %d | %.2fx |\n", t, b, r, base / r }'
-    done
-  done
-} > $here/results.md
+# results.md, the table docs/norm-studies.md shows.
+python - $here > $here/results.md <<'PY'
+import re, statistics, sys
+from pathlib import Path
+here = Path(sys.argv[1])
+
+def median(threads, row, column):  # over the 3 runs; columns: images/s, time vs project
+    values = []
+    for run in (1, 2, 3):
+        text = (here / f"bench-threads{threads}-run{run}.txt").read_text()
+        cells = re.search(rf"\| bn \| {row} \| ([\d,]+) \| [\d.]+ \| ([\d.]+) \|", text).groups()
+        values.append(float(cells[column].replace(",", "")))
+    return statistics.median(values)
+
+header = (here / "bench-threads1-run1.txt").read_text().splitlines()[0]
+print(",".join(header.split(",")[:3]) + "\n")  # the device and torch
+print("| threads | B | images/s | step time vs B = 128 |\n|---:|---:|---:|---:|")
+for threads in (1, 2):
+    for b in (2, 4, 8, 32, 128):
+        row = "project" if b == 128 else f"bn-batch-{b}"
+        print(f"| {threads} | {b} | {median(threads, row, 0):,.0f} "
+              f"| {median(threads, row, 1):.2f}x |")
+print("\nMedians of 3 runs of bench.py, each the best of 5 interleaved rounds of 30 batches.")
+PY
 cat $here/results.md
