@@ -21,13 +21,15 @@ import re, statistics, sys
 from pathlib import Path
 here = Path(sys.argv[1])
 
+def rows(threads, run):  # {pipeline: (images/s, time vs project)} of one bench.py output
+    text = (here / f"bench-threads{threads}-run{run}.txt").read_text()
+    return {name: (float(rate.replace(",", "")), float(ratio)) for name, rate, ratio in
+            re.findall(r"\| bn \| (\S+) \| ([\d,]+) \| [\d.]+ \| ([\d.]+) \|", text)}
+
+benches = {threads: [rows(threads, run) for run in (1, 2, 3)] for threads in (1, 2)}
+
 def median(threads, row, column):  # over the 3 runs; columns: images/s, time vs project
-    values = []
-    for run in (1, 2, 3):
-        text = (here / f"bench-threads{threads}-run{run}.txt").read_text()
-        cells = re.search(rf"\| bn \| {row} \| ([\d,]+) \| [\d.]+ \| ([\d.]+) \|", text).groups()
-        values.append(float(cells[column].replace(",", "")))
-    return statistics.median(values)
+    return statistics.median(bench[row][column] for bench in benches[threads])
 
 header = (here / "bench-threads1-run1.txt").read_text().splitlines()[0]
 print(",".join(header.split(",")[:3]) + "\n")  # the device and torch
