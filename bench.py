@@ -204,9 +204,7 @@ def parse_args(argv=None):
     if args.bn_batches and (args.norm != "bn" or args.bn_batch):
         parser.error("--bn-batches times BatchNorm's ghost batches against plain BN: "
                      "use it with --norm bn and without --bn-batch")
-    for bn_batch in args.bn_batches:
-        if args.batch_size % bn_batch:
-            parser.error(f"--bn-batches: {bn_batch} does not divide --batch-size {args.batch_size}")
+    cli.check_bn_batches(parser, "--bn-batches", args.bn_batches, args.batch_size)
     return args
 
 

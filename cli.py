@@ -151,13 +151,21 @@ def check_norm_options(parser, args, norms):
         if getattr(args, option) is not None and norm not in norms:
             parser.error(f"--{option.replace('_', '-')} is {norm.upper()}'s option, and "
                          f"{', '.join(n.upper() for n in norms)} has none")
-    if args.bn_batch is not None and args.batch_size % args.bn_batch:
-        parser.error(f"--bn-batch {args.bn_batch} does not divide --batch-size {args.batch_size}")
+    if args.bn_batch is not None:
+        check_bn_batches(parser, "--bn-batch", [args.bn_batch], args.batch_size)
     if args.gn_groups is not None:
         try:
             models.check_gn_groups(args.gn_groups, args.blocks)
         except ValueError as error:
             parser.error(f"--gn-groups: {error}")
+
+
+def check_bn_batches(parser, option, bn_batches, batch_size, advice=""):
+    """parser.error, naming `option` and followed by `advice`, unless every statistics
+    batch in bn_batches divides batch_size (train.py's, bench.py's and study.py's check)."""
+    if bad := [b for b in bn_batches if batch_size % b]:
+        parser.error(f"{option} {', '.join(map(str, bad))} does not divide --batch-size "
+                     f"{batch_size}{advice}")
 
 
 def resolve_device(parser, args):

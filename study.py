@@ -82,9 +82,9 @@ def parse_args(argv=None):
         parser.error(f"{args.study} has no setting {', '.join(unknown)}; choose from "
                      f"{', '.join(grid)}")
     args.settings = [study["grid"][grid.index(s)] for s in dict.fromkeys(args.settings or grid)]
-    if args.study == "bn-batch" and (bad := [b for b in args.settings if args.batch_size % b]):
-        parser.error(f"--bn-batch {', '.join(map(str, bad))} does not divide --batch-size "
-                     f"{args.batch_size}; choose --settings that do")
+    if args.study == "bn-batch":
+        cli.check_bn_batches(parser, "--bn-batch", args.settings, args.batch_size,
+                             "; choose --settings that do")
     args.seeds = list(dict.fromkeys(args.seeds))
     args.jobs = args.jobs or (os.cpu_count() or 1 if args.device.type == "cpu" else 1)
     return args

@@ -60,7 +60,7 @@ def test_bench_bn_batches_times_a_step_of_each_ghost_batch(monkeypatch, capsys):
     (["--data-dir", "no-such-folder"], "no CIFAR-10 data in no-such-folder"),
     (["--norm", "ln", "--bn-batches", "4"], "use it with --norm bn and without --bn-batch"),
     (["--norm", "bn", "--bn-batch", "8", "--bn-batches", "4"], "without --bn-batch"),
-    (["--norm", "bn", "--bn-batches", "5"], "--bn-batches: 5 does not divide --batch-size 16"),
+    (["--norm", "bn", "--bn-batches", "5"], "--bn-batches 5 does not divide --batch-size 16"),
 ])
 def test_bench_bad_input_is_one_line(tmp_path, capsys, options, message):
     argv = ["--batch-size", "16", "--batches", "2", "--cache-dir", str(tmp_path), *options]

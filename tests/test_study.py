@@ -58,7 +58,7 @@ def test_a_run_of_another_recipe_is_refused_in_the_study(study_args, tmp_path, c
 
 @pytest.mark.parametrize("options, message", [
     (["--settings", "3"], "bn-batch has no setting 3"),
-    (["--settings", "32"], "--bn-batch 32 does not divide --batch-size 16"),
+    (["--settings", "32"], "--bn-batch 32 does not divide --batch-size 16; choose --settings that do"),
     (["--jobs", "0"], "must be at least 1"),
     (["--report-only"], "no finished run of bn-batch"),
 ])
