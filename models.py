@@ -76,8 +76,9 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         groups = x.split(self.ghost_batch)
         # Each group in BatchNorm's own kernel, with running buffers of its own at
         # momentum 1, which then hold its statistics. On a CPU this was the fastest way
-        # tried: the groups moved into channels for one call per layer cost more in
-        # copies than the calls it saves (docs/norm-studies.md, Speed).
+        # tried with PyTorch's own kernels: the groups moved into channels for one call
+        # per layer cost more in copies than the calls it saves; only a fused kernel of
+        # our own, compiled at run time, was faster (docs/norm-studies.md, Speed).
         means = torch.zeros(len(groups), self.num_features, device=x.device)
         variances = torch.ones_like(means)
         out = torch.cat([F.batch_norm(group, mean, variance, self.weight, self.bias, True, 1.0, self.eps)

@@ -100,14 +100,18 @@ def check(bn_batch=2):
         print(f"| {name} | {(fused - committed).abs().max():.3g} | {committed.abs().max():.3g} |")
 
 
-def make_learner(bn_batch, fused, images, labels):
-    """A function timing n steps of the recipe's training step, its model fresh."""
+def default_run():
+    """The run options of train.py --norm bn: the default recipe's."""
     parser = cli.Parser()
     cli.add_recipe_options(parser)
     cli.add_device_options(parser)
-    args = parser.parse_args(["--bn-batch", str(bn_batch)] if bn_batch else [])
+    args = parser.parse_args([])
     cli.resolve_device(parser, args)
-    run = recipe.run_options("bn", args)  # the default recipe's, as train.py --norm bn runs
+    return recipe.run_options("bn", args)
+
+
+def make_learner(run, fused, images, labels):
+    """A function timing n steps of `run`'s training step, its model fresh."""
     torch.manual_seed(0)
     model = recipe.make_model(run).to(memory_format=torch.channels_last)
     model = fuse(model) if fused else model
@@ -131,8 +135,10 @@ def main():
     check()
     images = torch.randn(256, 3, 32, 32)
     labels = torch.randint(0, 10, (256,))
-    pipelines = {"plain": (None, False)} | {
-        f"{kind} B={b}": (b, kind == "fused") for kind in ("committed", "fused") for b in (2, 4, 8, 32)}
+    run = default_run()
+    pipelines = {"plain": (run, False)} | {
+        f"{kind} B={b}": (run | {"bn_batch": b}, kind == "fused")
+        for kind in ("committed", "fused") for b in (2, 4, 8, 32)}
     print("\nThe training step, median of 3 runs of the best of 5 rounds of 15 steps:\n\n"
           "| threads | pipeline | ms per step | vs plain BN |\n|---:|---|---:|---:|")
     for threads in (2, 1):

@@ -32,7 +32,8 @@ def median(threads, row, column):  # over the 3 runs; columns: images/s, time vs
     return statistics.median(bench[row][column] for bench in benches[threads])
 
 header = (here / "bench-threads1-run1.txt").read_text().splitlines()[0]
-print(",".join(header.split(",")[:3]) + "\n")  # the device and torch
+# The device and torch, not the thread count: the processor's name may hold commas.
+print(re.match(r"device .*?, torch [^,]+", header)[0] + "\n")
 print("| threads | B | images/s | step time vs B = 128 |\n|---:|---:|---:|---:|")
 for threads in (1, 2):
     for b in (2, 4, 8, 32, 128):
