@@ -75,19 +75,25 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         groups = x.split(self.ghost_batch)
         # Each group in BatchNorm's own kernel, with running buffers of its own at
-        # momentum 1, which then hold its statistics. On a CPU this was the fastest way
-        # tried with PyTorch's own kernels: the groups moved into channels for one call
-        # per layer cost more in copies than the calls it saves; only a fused kernel of
-        # our own, compiled at run time, was faster (docs/norm-studies.md, Speed).
+        # momentum 1, which then hold its statistics. On a CPU no way tried with PyTorch's
+        # own kernels was faster on both 1 and 2 threads: one call per layer needs copies
+        # (into BN's channels, to GroupNorm's layout, or to NCHW for strided groups) that
+        # cost about what the calls save; only a fused kernel of our own, compiled at run
+        # time, was faster (docs/norm-studies.md, Speed).
         means = torch.zeros(len(groups), self.num_features, device=x.device)
         variances = torch.ones_like(means)
         out = torch.cat([F.batch_norm(group, mean, variance, self.weight, self.bias, True, 1.0, self.eps)
                          for group, mean, variance in zip(groups, means, variances)])
+        self.track(means, variances)
+        return out
+
+    def track(self, means, variances):
+        """Move the running statistics towards the groups' mean statistics: means and
+        (unbiased) variances hold one group's per row."""
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(means.mean(0), self.momentum)
             self.running_var.lerp_(variances.mean(0), self.momentum)
-        return out
 
 
 class GroupNorm(nn.GroupNorm):
