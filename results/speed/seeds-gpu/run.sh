@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 31's GPU measurements, in one command on a lent GPU machine (device tool), warm cache:
 # `--seeds 0 1 2` and the plain run (targets: under 60 s and 25 s on an H200), then bench.py
-# with its at-once rows, then the tests that use CUDA. Each step has a time limit, so that
-# the later ones still run if one is slow. Writes 7 files to $OUT: machine.txt, seeds.log,
-# train.log, runs.tar.gz, bench.txt, bench-amp.txt, pytest.txt.
+# with its at-once rows, then the tests that use CUDA; last, issue 37's cost of ghost batches
+# on a GPU (train.py --bn-batch B, one BN call per group: many small kernels). Each step has
+# a time limit, so that the later ones still run if one is slow. Writes 8 files to $OUT:
+# machine.txt, seeds.log, train.log, runs.tar.gz, bench.txt, bench-amp.txt, pytest.txt,
+# bench-ghost-bn.txt.
 #
 # Needs, carried beside the working tree (both ignored by .git/info/exclude):
 #   .whl/torchsummary-1.5.1-py3-none-any.whl   pip download torchsummary==1.5.1 (the GPU
@@ -32,4 +34,6 @@ timed bench-amp.txt 45 python3 bench.py "${data[@]}" --amp --at-once 9 --rounds 
     --eval-batch-sizes 1000
 # The tests that differ on a GPU (CI runs them all on a CPU).
 timed pytest.txt 90 python3 -m pytest -q tests -k "cuda or graph or together or bench"
+timed bench-ghost-bn.txt 60 python3 bench.py "${data[@]}" --norm bn --bn-batches 2 4 8 32 \
+    --at-once 1 --rounds 2 --workers 0 --eval-batch-sizes 1000
 tail -n 3 "$out"/*.log "$out"/*.txt
