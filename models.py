@@ -20,6 +20,8 @@ Two kinds of 3x3 block for C3-C9 (C1 and C2 are always plain):
   64 at 16x16, 96 at 8x8.
 """
 import contextlib
+import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +58,79 @@ def check_gn_groups(groups, blocks=BLOCKS_DEFAULT):
                          f"({', '.join(map(str, widths))}), or be {PER_CHANNEL!r}; got {groups!r}")
 
 
+def group_rows(x, ghost_batch):
+    """(N, C, H, W) -> (N / ghost_batch, ghost_batch * H * W, C): each group of `ghost_batch`
+    images as rows of channels, as BN's channels_last kernel reads them (a view there)."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n // ghost_batch, ghost_batch * h * w, c)
+
+
+def ungroup_rows(rows, like):
+    """group_rows's inverse: a tensor of the shape and memory format of `like`."""
+    n, c, h, w = like.shape
+    memory_format = (torch.channels_last if like.is_contiguous(memory_format=torch.channels_last)
+                     else torch.contiguous_format)
+    out = rows.to(like.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
+    return out.contiguous(memory_format=memory_format)
+
+
+def ghost_batch_norm_forward(x, weight, bias, ghost_batch: int, eps: float):
+    """BatchNorm's training output for each group of `ghost_batch` images of x, from the
+    group's own statistics, in float32; with each group's mean, 1 / sqrt(variance + eps)
+    and (biased) variance, (groups, 1, C) each.
+
+    Compiled, the statistics come out as they are: with 1 / sqrt(...) not returned, or
+    returned squeezed, the output's loop computed it again for every value, which made
+    the forward pass 40% slower (torch 2.14, this CPU, on the layer alone)."""
+    groups = group_rows(x, ghost_batch).float()
+    variance, mean = torch.var_mean(groups, dim=1, keepdim=True, correction=0)
+    rstd = torch.rsqrt(variance + eps)
+    out = (groups - mean) * (rstd * weight) + bias
+    return ungroup_rows(out, x), mean, rstd, variance
+
+
+def ghost_batch_norm_backward(grad_out, x, weight, mean, rstd, ghost_batch: int):
+    """The gradients of ghost_batch_norm_forward's output with respect to x, weight and
+    bias: BatchNorm's backward pass within each group."""
+    groups, grads = group_rows(x, ghost_batch).float(), group_rows(grad_out, ghost_batch).float()
+    x_hat = (groups - mean) * rstd
+    grad_sum = grads.sum(1, keepdim=True)
+    grad_x_hat_sum = (grads * x_hat).sum(1, keepdim=True)
+    grad_x = (grads - (grad_sum + x_hat * grad_x_hat_sum) / groups.shape[1]) * (rstd * weight)
+    return ungroup_rows(grad_x, x), grad_x_hat_sum.sum((0, 1)), grad_sum.sum((0, 1))
+
+
+@functools.cache
+def compiled(function):
+    """`function` through torch.compile, which fuses its tensor operations into a kernel or
+    two, each shape of input compiled apart for the fastest kernels. Made on first use:
+    importing torch.compile's machinery takes seconds."""
+    # A training run sees a few shapes, bench.py's ghost batches a dozen, past torch's
+    # default limit of 8 per function, past which fullgraph raises. Set for the process:
+    # patching it around each call cost 0.14 ms, 2 ms a step.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(function, dynamic=False, fullgraph=True)
+
+
+class GhostBatchNormFunction(torch.autograd.Function):
+    """Ghost batch norm over whole groups of images: its output and each group's mean and
+    variance, each direction one compiled function."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ghost_batch, eps):
+        forward = compiled(ghost_batch_norm_forward)
+        out, mean, rstd, variance = forward(x, weight, bias, ghost_batch, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.ghost_batch = ghost_batch
+        ctx.mark_non_differentiable(mean, variance)
+        return out, mean, variance
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_variance):
+        grads = compiled(ghost_batch_norm_backward)(grad_out, *ctx.saved_tensors, ctx.ghost_batch)
+        return *grads, None, None
+
+
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of groups of `ghost_batch` images
     of each batch, not of the whole batch: BN as it runs on devices that each hold
@@ -64,7 +139,14 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     bit; a batch that does not split evenly (an epoch's last) ends in a smaller group.
     The running statistics move towards the groups' mean statistics. Evaluation uses the
     running statistics, as plain BN does.
+
+    The groups go through GhostBatchNormFunction, compiled, which costs about what plain
+    BN does. Where torch.compile fails (it needs a C++ compiler for a CPU, Triton for
+    CUDA), each group goes through BN's own kernel, as does an uneven batch's last group:
+    the same numbers to rounding, but a call per group, whose fixed costs made B = 2 1.7x
+    plain BN's step on 2 threads (docs/norm-studies.md, Speed).
     """
+    compiles = True  # until torch.compile fails in this process
 
     def __init__(self, channels, ghost_batch):
         super().__init__(channels)
@@ -73,19 +155,46 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training or len(x) <= self.ghost_batch:
             return super().forward(x)
-        groups = x.split(self.ghost_batch)
-        # Each group in BatchNorm's own kernel, with running buffers of its own at
-        # momentum 1, which then hold its statistics. On a CPU no way tried with PyTorch's
-        # own kernels was faster on both 1 and 2 threads: one call per layer needs copies
-        # (into BN's channels, to GroupNorm's layout, or to NCHW for strided groups) that
-        # cost about what the calls save; only a fused kernel of our own, compiled at run
-        # time, was faster (docs/norm-studies.md, Speed).
-        means = torch.zeros(len(groups), self.num_features, device=x.device)
-        variances = torch.ones_like(means)
-        out = torch.cat([F.batch_norm(group, mean, variance, self.weight, self.bias, True, 1.0, self.eps)
-                         for group, mean, variance in zip(groups, means, variances)])
+        uneven = len(x) % self.ghost_batch
+        if not uneven:
+            out, means, variances = self.compiled_groups(x) or self.groups_one_by_one(x)
+        else:
+            # x.split, not x[:n]: a slice's gradient is a copy, into NCHW, which the
+            # convolution before then copies back (a tenth of B = 8's step on 1 thread).
+            whole, last = x.split(len(x) - uneven)
+            parts = [self.compiled_groups(whole) or self.groups_one_by_one(whole),
+                     self.groups_one_by_one(last)]
+            out, means, variances = (torch.cat(part) for part in zip(*parts))
         self.track(means, variances)
         return out
+
+    def compiled_groups(self, x):
+        """(output, groups' means, groups' unbiased variances) of x, whole groups of
+        ghost_batch images, through GhostBatchNormFunction; None where it does not compile."""
+        if not GhostBatchNorm2d.compiles:
+            return None
+        try:
+            out, means, variances = GhostBatchNormFunction.apply(x, self.weight, self.bias,
+                                                                 self.ghost_batch, self.eps)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            warnings.warn(f"ghost batches run a BN call per group, slower: torch.compile failed: "
+                          f"{str(error).splitlines()[0]}")
+            GhostBatchNorm2d.compiles = False
+            return None
+        rows = self.ghost_batch * x[0, 0].numel()
+        return out, means.flatten(1), variances.flatten(1) * rows / (rows - 1)
+
+    def groups_one_by_one(self, x):
+        """compiled_groups's results, a last group of fewer images allowed, through BN's
+        own kernel: a call per group, with running buffers of its own at momentum 1, which
+        then hold the group's statistics."""
+        groups = x.split(self.ghost_batch)
+        means = torch.zeros(len(groups), self.num_features, device=x.device)
+        variances = torch.ones_like(means)
+        out = torch.cat([
+            F.batch_norm(group, mean, variance, self.weight, self.bias, True, 1.0, self.eps)
+            for group, mean, variance in zip(groups, means, variances)])
+        return out, means, variances
 
     def track(self, means, variances):
         """Move the running statistics towards the groups' mean statistics: means and

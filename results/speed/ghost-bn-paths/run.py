@@ -1,5 +1,6 @@
 """Is there a way of computing ghost batches that meets issue 37's 1.3x on 2 threads? Three
-ways against models.GhostBatchNorm2d's one BN call per group, on this CPU in bfloat16:
+ways against one BN call per group (models.GhostBatchNorm2d.groups_one_by_one, the layer's
+only way when this ran, at commit 6c8e9b8; "committed" below), on this CPU in bfloat16:
 - fused: a kernel of our own (fused_ghost_bn.cpp, compiled at run time by
   torch.utils.cpp_extension: a C++ compiler and ninja);
 - GroupNorm kernel: PyTorch's GroupNorm with one group per channel, on the groups moved
@@ -31,6 +32,8 @@ import cli  # noqa: E402
 import devices  # noqa: E402
 import models  # noqa: E402
 import recipe  # noqa: E402
+
+models.GhostBatchNorm2d.compiles = False  # "committed": a BN call per group, as when this ran
 
 kernel = torch.utils.cpp_extension.load("fused_ghost_bn", [str(HERE / "fused_ghost_bn.cpp")],
                                         extra_cflags=["-O3", "-march=native"])
