@@ -143,8 +143,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     The groups go through GhostBatchNormFunction, compiled, which costs about what plain
     BN does. Where torch.compile fails (it needs a C++ compiler for a CPU, Triton for
     CUDA), each group goes through BN's own kernel, as does an uneven batch's last group:
-    the same numbers to rounding, but a call per group, whose fixed costs made B = 2 1.7x
-    plain BN's step on 2 threads (docs/norm-studies.md, Speed).
+    the same numbers to rounding, but a call per group, whose fixed costs made B = 2 1.78x
+    plain BN's step on 2 threads (results/speed/ghost-bn-paths/results.md, "committed").
     """
     compiles = True  # until torch.compile fails in this process
 

@@ -2,9 +2,9 @@
 # The training step of BN with ghost batches (train.py --bn-batch B) against plain BN
 # (B = the batch of 128), on 2 threads and on 1 (as study.py trains on a CPU): bench.py's
 # bn-batch-B rows against its project row, train.py's step, timed in the same rounds of one
-# process. This CPU's speed drifts from minute to minute, and more for the many small calls
-# of small B on 2 threads (one process per B, as in commit a275e97, read B = 4 at 1.16x there
-# and at 1.36x in a rerun), so bench.py runs 3 times and the table takes the medians.
+# process. This CPU's speed drifts from minute to minute (one process per B, as in commit
+# a275e97, read B = 4 at 1.16x there and at 1.36x in a rerun), so bench.py runs 3 times and
+# the table takes the medians. The first rounds of each B also compile its kernels.
 # Run from the repository root.
 set -euo pipefail
 here=results/speed/ghost-bn

@@ -2,7 +2,8 @@
 # Issue 31's GPU measurements, in one command on a lent GPU machine (device tool), warm cache:
 # `--seeds 0 1 2` and the plain run (targets: under 60 s and 25 s on an H200), then bench.py
 # with its at-once rows, then the tests that use CUDA; last, issue 37's cost of ghost batches
-# on a GPU (train.py --bn-batch B, one BN call per group: many small kernels). Each step has
+# on a GPU (train.py --bn-batch B: two torch.compile'd functions per BN layer, Triton kernels
+# there, compiled on first use within the step's limit). Each step has
 # a time limit, so that the later ones still run if one is slow. Writes 8 files to $OUT:
 # machine.txt, seeds.log, train.log, runs.tar.gz, bench.txt, bench-amp.txt, pytest.txt,
 # bench-ghost-bn.txt.
