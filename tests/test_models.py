@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from conftest import ROOT
+from conftest import NEEDS_CUDA, ROOT
 from models import (ACTIVATIONS, BLOCKS, GN_GROUPS, NORMS, ConvBlock, GlobalAvgPool, GroupNorm,
                     Net, count_parameters)
 
@@ -221,7 +221,7 @@ def bn_output_and_gradients(layer, x, loss_weights=None):
     """The layer's training output on x and the gradients of a loss weighting each output
     element (by default, evenly from -1 to 1 over the elements)."""
     if loss_weights is None:
-        loss_weights = torch.linspace(-1, 1, x.numel()).view_as(x)
+        loss_weights = torch.linspace(-1, 1, x.numel(), device=x.device).view_as(x)
     x = x.clone().requires_grad_()
     out = layer.train()(x)
     (out * loss_weights).sum().backward()
@@ -243,16 +243,17 @@ def test_a_statistics_batch_of_the_whole_batch_is_batchnorm_bit_for_bit():
 
 @pytest.mark.parametrize("compiles", [True, False], ids=["compiled", "a BN call per group"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 def test_a_smaller_statistics_batch_normalizes_each_group_as_batchnorm_would_alone(
-        compiles, memory_format, monkeypatch):
+        compiles, memory_format, device, monkeypatch):
     monkeypatch.setattr(models.GhostBatchNorm2d, "compiles", compiles)
-    x = torch.randn(20, 8, 5, 5).contiguous(memory_format=memory_format)  # groups of 8, 8, 4
-    ghost = models.GhostBatchNorm2d(8, 8)
+    x = torch.randn(20, 8, 5, 5, device=device).contiguous(memory_format=memory_format)
+    ghost = models.GhostBatchNorm2d(8, 8).to(device)  # groups of 8, 8 and a last one of 4
     out, grad, grad_weight, grad_bias = bn_output_and_gradients(ghost, x)
     assert out.is_contiguous(memory_format=memory_format)
     # Each group alone, with the part of the loss weights that falls on it.
-    weights = torch.linspace(-1, 1, x.numel()).view_as(x).split(8)
-    alone = [bn_output_and_gradients(nn.BatchNorm2d(8), group, weight)
+    weights = torch.linspace(-1, 1, x.numel(), device=device).view_as(x).split(8)
+    alone = [bn_output_and_gradients(nn.BatchNorm2d(8).to(device), group, weight)
              for group, weight in zip(x.split(8), weights)]
     # To float32's rounding: the compiled kernels sum in another order than BN's.
     close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
@@ -260,14 +261,14 @@ def test_a_smaller_statistics_batch_normalizes_each_group_as_batchnorm_would_alo
     close(grad, torch.cat([a[1] for a in alone]))
     close(grad_weight, sum(a[2] for a in alone))
     close(grad_bias, sum(a[3] for a in alone))
-    plain = [nn.BatchNorm2d(8).train() for _ in range(3)]
+    plain = [nn.BatchNorm2d(8).to(device).train() for _ in range(3)]
     for layer, group in zip(plain, x.split(8)):
         layer(group)
     # The running statistics: the mean of what each group alone would have moved them to.
     torch.testing.assert_close(ghost.running_mean, torch.stack([p.running_mean for p in plain]).mean(0))
     torch.testing.assert_close(ghost.running_var, torch.stack([p.running_var for p in plain]).mean(0))
     ghost.eval()  # evaluation: the running statistics, as BN's
-    plain_eval = nn.BatchNorm2d(8).eval()
+    plain_eval = nn.BatchNorm2d(8).to(device).eval()
     plain_eval.load_state_dict(ghost.state_dict())
     assert torch.equal(ghost(x), plain_eval(x))
 

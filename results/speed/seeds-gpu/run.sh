@@ -33,8 +33,8 @@ timed bench.txt 75 python3 bench.py "${data[@]}" --at-once 3 9 --rounds 2 --work
 # Nine runs at once may be bound by arithmetic rather than launches: bfloat16 there too.
 timed bench-amp.txt 45 python3 bench.py "${data[@]}" --amp --at-once 9 --rounds 2 --workers 0 \
     --eval-batch-sizes 1000
-# The tests that differ on a GPU (CI runs them all on a CPU).
-timed pytest.txt 90 python3 -m pytest -q tests -k "cuda or graph or together or bench"
+# The tests that differ on a GPU (CI runs them all on a CPU), ghost batches' among them.
+timed pytest.txt 90 python3 -m pytest -q tests -k "cuda or graph or together or bench or statistics_batch"
 timed bench-ghost-bn.txt 60 python3 bench.py "${data[@]}" --norm bn --bn-batches 2 4 8 32 \
     --at-once 1 --rounds 2 --workers 0 --eval-batch-sizes 1000
 tail -n 3 "$out"/*.log "$out"/*.txt
